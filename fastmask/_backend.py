@@ -1,0 +1,115 @@
+"""Backend discovery and per-call selection.
+
+Order of preference for one call: ``cuda`` (the compiled extension ``fastmask._C``, when it was
+built and the tensors live on a GPU) -> ``triton`` (GPU tensors, or CPU tensors when the Triton
+interpreter is on with ``TRITON_INTERPRET=1``) -> ``torch`` (the reference in
+``fastmask.reference``).  ``FASTMASK_BACKEND=torch|triton|cuda`` (or the ``backend=`` argument of an
+op) forces one; forcing a backend that cannot run the call raises ``RuntimeError`` saying why, it
+never falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# Which backends implement which op (the reference implements every op).
+OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
+    "gather_tokens": ("cuda", "triton", "torch"),
+    "scatter_tokens": ("cuda", "triton", "torch"),
+    "random_masking": ("cuda", "triton", "torch"),
+    "apply_mask_token": ("cuda", "triton", "torch"),
+    "attention": ("triton", "torch"),
+    "topk_tokens": ("cuda", "triton", "torch"),
+    "cls_attention_mask": ("cuda", "triton", "torch"),
+}
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str) -> Tuple[bool, str]:
+    """Whether a backend can be imported at all (independent of where the tensors live)."""
+    if name == "torch":
+        return True, "reference implementation, always available"
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # pragma: no cover - triton is a hard dependency
+            return False, f"triton is not importable ({exc!r})"
+        if torch.cuda.is_available():
+            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        if triton_interpret():
+            return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1)"
+        return False, "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
+    if name == "cuda":
+        try:
+            importlib.import_module("fastmask._C")
+        except ImportError as exc:
+            return False, (
+                "the CUDA extension fastmask._C is not built "
+                f"(FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .): {exc}"
+            )
+        if not torch.cuda.is_available():
+            return False, "fastmask._C is built but no CUDA device is visible"
+        return True, f"fastmask._C on {torch.cuda.get_device_name()}"
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends() -> Dict[str, Dict[str, object]]:
+    """What each backend can do here: ``{name: {"available": bool, "reason": str, "ops": [...]}}``."""
+    out = {}
+    for name in BACKENDS:
+        ok, why = _probe(name)
+        out[name] = {
+            "available": ok,
+            "reason": why,
+            "ops": sorted(op for op, bks in OP_BACKENDS.items() if name in bks),
+        }
+    forced = os.environ.get("FASTMASK_BACKEND")
+    if forced:
+        out["forced"] = forced
+    return out
+
+
+def _can_run(name: str, op: str, device: torch.device) -> Tuple[bool, str]:
+    if name not in OP_BACKENDS[op]:
+        return False, f"{op} has no {name} implementation (it has {', '.join(OP_BACKENDS[op])})"
+    ok, why = _probe(name)
+    if not ok:
+        return False, why
+    if name == "cuda" and device.type != "cuda":
+        return False, f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+    if name == "triton" and device.type != "cuda":
+        if device.type == "cpu" and triton_interpret():
+            return True, why
+        return False, f"the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 (got {device.type})"
+    return True, why
+
+
+def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that runs ``op`` on tensors living on ``device``.
+
+    ``backend`` (a call's explicit choice) wins over ``FASTMASK_BACKEND``; either one that cannot run
+    the call raises ``RuntimeError``.
+    """
+    forced = backend or os.environ.get("FASTMASK_BACKEND") or None
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {forced!r}")
+        ok, why = _can_run(forced, op, device)
+        if not ok:
+            source = "backend=" if backend else "FASTMASK_BACKEND="
+            raise RuntimeError(f"{op}: {source}{forced!r} was forced but cannot run here: {why}")
+        return forced
+    for name in BACKENDS:
+        if _can_run(name, op, device)[0]:
+            return name
+    return "torch"  # unreachable: torch can always run

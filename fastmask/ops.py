@@ -1,0 +1,374 @@
+"""fastmask's public drop-in ops (autograd-aware).
+
+Every op checks its inputs, picks a backend for the call (see ``fastmask._backend``: ``cuda`` ->
+``triton`` -> ``torch``, or the one forced with ``backend=`` / ``FASTMASK_BACKEND``) and runs it.
+The PyTorch reference in ``fastmask.reference`` is the specification all backends match.
+
+Conventions: masks are ``torch.bool`` with True = hidden; index tensors are int64; kept-index rows
+produced by fastmask are sorted ascending.  Bad input raises ``ValueError``/``TypeError`` naming the
+argument.  Checks that need the tensor's values (index range, uniqueness, NaN) synchronise with
+the device; ``set_value_checks(False)`` turns them off for production loops once inputs are trusted.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import reference
+from ._backend import backends, select  # noqa: F401  (re-exported)
+from .philox import draw_seed
+from .reference import MaskedTokens
+
+__all__ = [
+    "MaskedTokens",
+    "apply_mask_token",
+    "attention",
+    "backends",
+    "cls_attention_mask",
+    "gather_tokens",
+    "random_masking",
+    "scatter_tokens",
+    "set_value_checks",
+    "topk_tokens",
+]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_MODES = ("high", "low", "hint")
+
+_VALUE_CHECKS = True
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turn the value checks (index range/uniqueness, NaN scores) on or off; returns the old setting."""
+    global _VALUE_CHECKS
+    old, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    return old
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    old = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(old)
+
+
+def _value_checks_on() -> bool:
+    # Value checks need host syncs and data-dependent control flow, which torch.compile cannot trace.
+    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------
+
+def _check_tensor(name: str, t, ndim: int, shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_doc} ({ndim} dims), got {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def _check_ids(ids, batch: int, num_tokens: int, name: str = "ids", unique: bool = True) -> None:
+    _check_tensor(name, ids, 2, "[B, K]")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64 (torch.long), got {ids.dtype}")
+    if ids.shape[0] != batch:
+        raise ValueError(f"{name} has batch {ids.shape[0]} but the tokens have batch {batch}")
+    if ids.shape[1] > num_tokens:
+        raise ValueError(f"{name} selects {ids.shape[1]} tokens per row but rows have only {num_tokens}")
+    if _value_checks_on() and ids.numel() > 0:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"{name} must lie in [0, {num_tokens}), got values in [{lo}, {hi}]")
+        if unique and ids.shape[1] > 1:
+            s = torch.sort(ids, dim=1).values
+            if bool((s[:, 1:] == s[:, :-1]).any()):
+                raise ValueError(f"{name} must not repeat a token within a row")
+
+
+def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=None) -> None:
+    upper = "1]" if closed else "1)"
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.shape[0] != batch:
+            raise ValueError(f"{name} as a tensor must have shape [B]=[{batch}], got {tuple(value.shape)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+        if device is not None and value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the scores are on {device}")
+        if _value_checks_on():
+            bad = (value < 0) | ((value > 1) if closed else (value >= 1)) | torch.isnan(value)
+            if bool(bad.any()):
+                raise ValueError(f"{name} must lie in [0, {upper} for every sample")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(value).__name__}")
+    if not (0.0 <= value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"{name} must lie in [0, {upper}, got {value}")
+
+
+def _kernels(module: str):
+    return importlib.import_module(f"fastmask.kernels.{module}")
+
+
+# --------------------------------------------------------------------------------------------
+# token gather / scatter / masking
+# --------------------------------------------------------------------------------------------
+
+def _check_pos_embed(pos_embed, x: torch.Tensor) -> None:
+    if pos_embed is None:
+        return
+    if not isinstance(pos_embed, torch.Tensor):
+        raise TypeError(f"pos_embed must be a tensor, got {type(pos_embed).__name__}")
+    N, D = x.shape[1], x.shape[2]
+    if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
+        raise ValueError(f"pos_embed must have shape [N, D] or [1, N, D] = [1, {N}, {D}], got {tuple(pos_embed.shape)}")
+    _check_float("pos_embed", pos_embed)
+    _check_same_device("x", x, pos_embed=pos_embed)
+
+
+def gather_tokens(
+    x: torch.Tensor, ids: torch.Tensor, *, pos_embed: Optional[torch.Tensor] = None, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Select tokens: ``out[b, k] = x[b, ids[b, k]]`` (plus ``pos_embed[ids[b, k]]`` when given,
+    added in float32: MAE adds positions before dropping tokens, this fuses both).
+
+    x [B, N, D] float; ids [B, K] int64, unique per row (any order); pos_embed [N, D] or [1, N, D].
+    Backward scatters the gradient into zeros (and sums it over the batch for ``pos_embed``).
+    """
+    _check_tensor("x", x, 3, "[B, N, D]")
+    _check_float("x", x)
+    _check_same_device("x", x, ids=ids)
+    _check_ids(ids, x.shape[0], x.shape[1])
+    _check_pos_embed(pos_embed, x)
+    name = select("gather_tokens", x.device, backend)
+    if name == "torch":
+        return reference.gather_tokens(x, ids, pos_embed)
+    return _kernels("token_gather").gather_tokens(x, ids, pos_embed, backend=name)
+
+
+def scatter_tokens(
+    x_kept: torch.Tensor,
+    ids: torch.Tensor,
+    num_tokens: int,
+    fill: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Inverse of ``gather_tokens``: ``out[b, ids[b, k]] = x_kept[b, k]``, other rows ``fill`` or 0.
+
+    x_kept [B, K, D]; ids [B, K] int64 unique per row; fill [D] (a mask token; receives gradient).
+    """
+    _check_tensor("x_kept", x_kept, 3, "[B, K, D]")
+    _check_float("x_kept", x_kept)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < x_kept.shape[1]:
+        raise ValueError(f"num_tokens must be an int >= K={x_kept.shape[1]}, got {num_tokens!r}")
+    _check_same_device("x_kept", x_kept, ids=ids, fill=fill)
+    _check_ids(ids, x_kept.shape[0], num_tokens)
+    if ids.shape[1] != x_kept.shape[1]:
+        raise ValueError(f"ids has {ids.shape[1]} tokens per row but x_kept has {x_kept.shape[1]}")
+    if fill is not None:
+        if not isinstance(fill, torch.Tensor) or fill.numel() != x_kept.shape[2] or fill.dim() not in (1, 2, 3):
+            raise ValueError(f"fill must be a tensor of D={x_kept.shape[2]} values ([D], [1, D] or [1, 1, D])")
+        _check_float("fill", fill)
+    name = select("scatter_tokens", x_kept.device, backend)
+    if name == "torch":
+        return reference.scatter_tokens(x_kept, ids, num_tokens, fill)
+    return _kernels("token_gather").scatter_tokens(x_kept, ids, num_tokens, fill, backend=name)
+
+
+def apply_mask_token(
+    x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """BEiT/iBOT/SimMIM replacement ``where(mask, mask_token, x)``; gradients reach x and mask_token.
+
+    x [B, N, D] float; mask [B, N] bool (True = replace); mask_token [D] (or [1, 1, D]).
+    """
+    _check_tensor("x", x, 3, "[B, N, D]")
+    _check_float("x", x)
+    _check_tensor("mask", mask, 2, "[B, N]")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be torch.bool (True = hidden), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"mask must have shape [B, N] = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != x.shape[2]:
+        raise ValueError(f"mask_token must be a tensor of D={x.shape[2]} values")
+    _check_float("mask_token", mask_token)
+    _check_same_device("x", x, mask=mask, mask_token=mask_token)
+    name = select("apply_mask_token", x.device, backend)
+    if name == "torch":
+        return reference.apply_mask_token(x, mask, mask_token)
+    return _kernels("token_gather").apply_mask_token(x, mask, mask_token.reshape(-1), backend=name)
+
+
+def random_masking(
+    x: torch.Tensor,
+    mask_ratio: float,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    pos_embed: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> MaskedTokens:
+    """MAE-style random masking: keep ``K = int(N*(1-mask_ratio))`` tokens per row uniformly at random.
+
+    The random choice comes from Philox keyed by ``seed`` (or a seed drawn from ``generator``, or from
+    torch's default generator), identical on every backend.  ``pos_embed`` is added to the kept tokens
+    as in ``gather_tokens``.  Returns ``MaskedTokens(x_kept, mask, ids_keep, ids_restore)``.
+    """
+    _check_tensor("x", x, 3, "[B, N, D]")
+    _check_float("x", x)
+    _check_ratio("mask_ratio", mask_ratio, x.shape[0])
+    if isinstance(mask_ratio, torch.Tensor):
+        raise TypeError("mask_ratio must be a float for random_masking (K is the same for every row)")
+    _check_pos_embed(pos_embed, x)
+    seed = draw_seed(generator, seed)
+    name = select("random_masking", x.device, backend)
+    if name == "torch":
+        return reference.random_masking(x, mask_ratio, seed, pos_embed)
+    B, N, _ = x.shape
+    keep = reference.keep_count(N, mask_ratio)
+    mod = _kernels("token_gather")
+    ids_keep, mask, ids_restore = mod.random_keep(B, N, keep, seed, x.device, backend=name)
+    x_kept = mod.gather_tokens(x, ids_keep, pos_embed, backend=name)
+    return MaskedTokens(x_kept, mask, ids_keep, ids_restore)
+
+
+# --------------------------------------------------------------------------------------------
+# attention with the CLS map
+# --------------------------------------------------------------------------------------------
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    return_cls_attn: bool = False,
+    num_prefix_tokens: int = 1,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Softmax attention ``softmax(q k^T * scale) v`` over q, k, v [B, H, L, Dh].
+
+    With ``return_cls_attn`` also returns ``cls_attn`` [B, L - num_prefix_tokens] float32: the
+    attention of query 0 (CLS) over the patch keys, averaged over heads, without ever building the
+    [B, H, L, L] matrix.  ``cls_attn`` carries no gradient; ``out`` has a full backward.
+    """
+    for name_, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name_, t, 4, "[B, H, L, Dh]")
+        _check_float(name_, t)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must have one shape [B, H, L, Dh]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_same_device("q", q, k=k, v=v)
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or not 0 < num_prefix_tokens <= q.shape[2]:
+        raise ValueError(f"num_prefix_tokens must be an int in [1, L={q.shape[2]}], got {num_prefix_tokens!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    name = select("attention", q.device, backend)
+    if name == "torch":
+        return reference.attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
+    return _kernels("cls_attention").attention(
+        q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# top-k token selection and AttMask masks
+# --------------------------------------------------------------------------------------------
+
+def _check_scores(name: str, scores) -> None:
+    _check_tensor(name, scores, 2, "[B, N]")
+    _check_float(name, scores)
+    if _value_checks_on() and bool(torch.isnan(scores).any()):
+        raise ValueError(f"{name} contains NaN; top-k of NaN scores is undefined")
+
+
+def topk_tokens(
+    scores: torch.Tensor, k: int, *, largest: bool = True, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Per-row indices of the ``k`` highest (``largest``) or lowest scores, sorted ascending.
+
+    scores [B, N] float; ties go to the lower index, so the result is deterministic.  Returns [B, k] int64.
+    """
+    _check_scores("scores", scores)
+    N = scores.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= N:
+        raise ValueError(f"k must be an int in [0, N={N}], got {k!r}")
+    name = select("topk_tokens", scores.device, backend)
+    if name == "torch":
+        return reference.topk_tokens(scores, k, largest)
+    return _kernels("topk_mask").topk_tokens(scores, k, largest, backend=name)
+
+
+def cls_attention_mask(
+    cls_attn: torch.Tensor,
+    ratio: Union[float, torch.Tensor],
+    *,
+    mode: str = "high",
+    mask_prob: float = 1.0,
+    show_max: float = 0.1,
+    show_ratio: Union[float, torch.Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """AttMask: a [B, N] bool mask (True = hidden) from a CLS attention map [B, N].
+
+    ``high`` hides the ``int(ratio*N)`` most attended tokens, ``low`` the least attended; ``hint`` hides
+    like ``high`` then reveals ``int(show_ratio*N)`` tokens drawn at random among the
+    ``int(show_max*N)`` most attended.  ``ratio`` and ``show_ratio`` may be floats or per-sample [B]
+    tensors.  Each row is masked with probability ``mask_prob`` and left fully visible otherwise.
+    Ties in attention go to the lower index; randomness is Philox from ``seed``/``generator``.
+    """
+    _check_scores("cls_attn", cls_attn)
+    B, N = cls_attn.shape
+    if mode not in MASK_MODES:
+        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+    _check_ratio("ratio", ratio, B, device=cls_attn.device)
+    _check_ratio("mask_prob", mask_prob, B, closed=True)
+    if isinstance(mask_prob, torch.Tensor):
+        raise TypeError("mask_prob must be a float")
+    _check_ratio("show_max", show_max, B, closed=True)
+    if isinstance(show_max, torch.Tensor):
+        raise TypeError("show_max must be a float")
+    if mode == "hint":
+        if show_ratio is None:
+            raise ValueError("mode='hint' needs show_ratio (e.g. 0.05, or a [B] tensor drawn from U(0.01, 0.05))")
+        _check_ratio("show_ratio", show_ratio, B, device=cls_attn.device)
+        max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
+        if _value_checks_on() or not isinstance(show_ratio, torch.Tensor):
+            if int(max_shown * N) > int(show_max * N):
+                raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
+    seed = draw_seed(generator, seed)
+    name = select("cls_attention_mask", cls_attn.device, backend)
+    if name == "torch":
+        return reference.cls_attention_mask(cls_attn, ratio, seed, mode, mask_prob, show_max, show_ratio)
+    num_masked = reference.counts_per_row(ratio, N, B, cls_attn.device)
+    num_shown = reference.counts_per_row(show_ratio if mode == "hint" else 0.0, N, B, cls_attn.device)
+    return _kernels("topk_mask").cls_attention_mask(
+        cls_attn,
+        num_masked,
+        seed,
+        mode=mode,
+        gate_threshold=reference.gate_threshold(mask_prob),
+        num_candidates=int(show_max * N),
+        num_shown=num_shown,
+        backend=name,
+    )

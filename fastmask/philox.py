@@ -1,0 +1,68 @@
+"""Counter-based random numbers shared bit-for-bit by every backend.
+
+All randomness in fastmask's ops (random masking, AttMask gates and hint reveals) comes from
+Philox-4x32-10 keyed by a 64-bit ``seed`` and indexed by a 32-bit counter ``offset``: the same
+function as Triton's ``tl.randint4x(seed, offset)`` and ``csrc/philox.cuh``.  Because the stream
+is a pure function of (seed, offset), the PyTorch reference, the Triton kernels and the CUDA
+kernels draw identical numbers, and a run is reproducible from its seed alone.
+
+Streams used by the ops (``lane`` is which of the four 32-bit outputs is read):
+  * per token ``(b, n)``: ``offset = b * N + n``, lane 0 (random-masking noise, hint keys)
+  * per row ``b``: ``offset = b``, lane 1 (AttMask gate)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+_M32 = 0xFFFFFFFF
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mul32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of ``a * b`` for a 32-bit constant ``a`` and int64 tensor ``b`` < 2**32.
+
+    The full product needs 64 unsigned bits, which int64 cannot hold, so ``b`` is split in 16-bit halves.
+    """
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2**48
+    high = (p_hi + (p_lo >> 16)) >> 16
+    low = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return high, low
+
+
+def philox4x32(seed: int, offset: torch.Tensor, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
+    """Four uint32 streams (as int64 tensors in [0, 2**32)) for counters ``offset`` under ``seed``."""
+    offset = offset.to(torch.int64)
+    if (offset < 0).any() or (offset > _M32).any():
+        raise ValueError("philox offsets must lie in [0, 2**32)")
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    c0 = offset
+    c1 = torch.zeros_like(offset)
+    c2 = torch.zeros_like(offset)
+    c3 = torch.zeros_like(offset)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def draw_seed(generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> int:
+    """The Philox seed of one op call: ``seed`` if given, else 31 random bits from ``generator``
+    (torch's default CPU generator when None, so ``torch.manual_seed`` makes runs reproducible)."""
+    if seed is not None:
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        return seed
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
