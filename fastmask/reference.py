@@ -109,9 +109,11 @@ def attention(
     """Softmax attention computed in float32; optionally the head-mean CLS row over patch keys."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float()).to(q.dtype)
+    # float32 even under autocast: the contract says cls_attn is float32 and out is rounded once.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v.float()).to(q.dtype)
     if not return_cls_attn:
         return out
     cls_attn = probs[:, :, 0, num_prefix_tokens:].mean(dim=1).detach()
