@@ -1,0 +1,250 @@
+"""MaskedKD: knowledge distillation whose teacher only sees the patches the student looks at
+(Son et al., "The Role of Masking for Efficient Supervised Knowledge Distillation of Vision
+Transformers").
+
+Per batch:
+
+1. the student runs on the full (mixed) images and exports the CLS attention map of its last block
+   (head mean; ``fastmask.ops.attention`` computes it without materialising ``[B, H, L, L]``);
+2. the ``teacher_keep`` patches the student's CLS token attends to most are kept
+   (``fastmask.masking.maskedkd_patch_ids``); the teacher's CLS token is always kept;
+3. the frozen teacher (eval mode, no grad) runs on those tokens only, so its cost falls with the
+   number of kept tokens (about half the FLOPs at 98 of 196);
+4. loss ``(1 - alpha) * L_cls(student, targets) + alpha * L_kd``, where ``L_kd`` is DeiT's soft
+   distillation ``tau^2 KL(softmax(t/tau) || softmax(s/tau))`` or hard distillation
+   ``CE(s, argmax t)``.
+
+The teacher's FLOPs are counted every step (``fastmask.flops.FlopMeter``: hooks read the shapes the
+teacher's layers really receive) and logged against a full-input teacher as
+``teacher_gflops``, ``teacher_gflops_full`` and ``teacher_flops_ratio``.
+
+``teacher_keep >= N`` is plain KD: the teacher runs on every token.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..flops import FlopMeter, count_flops
+from .base import Method, StepState
+from .supervised import (
+    SupervisedConfig,
+    TargetMixer,
+    autocast_for,
+    build_classifier,
+    check_supervised_config,
+    classification_loss,
+    hard_distillation_loss,
+    soft_distillation_loss,
+    top1_accuracy,
+)
+
+__all__ = ["METHOD", "MaskedKD", "MaskedKDConfig", "DISTILLATION_KINDS", "resolve_keep", "select_teacher_tokens"]
+
+DISTILLATION_KINDS = ("soft", "hard", "none")
+FLOP_COUNTERS = ("hooks", "dispatch")
+
+
+@dataclass
+class MaskedKDConfig(SupervisedConfig):
+    """MaskedKD options; defaults are the paper's DeiT-S <- DeiT-B setting (DeiT recipe, soft KD)."""
+
+    teacher_arch: str = "vit_base"
+    teacher_checkpoint: Optional[str] = None  # local timm/DeiT checkpoint; None = random init (tests only)
+    teacher_patch_size: int = 0  # 0: the student's patch size (the two grids must match)
+    # Overrides of the teacher architecture's size (0 = the arch's own), for tiny CPU recipes.
+    teacher_depth: int = 0
+    teacher_embed_dim: int = 0
+    teacher_num_heads: int = 0
+    # Kept patches: a count (>= 1, e.g. 98 of 196) or a fraction of N in (0, 1).  >= N: plain KD.
+    teacher_keep: float = 98.0
+    student_attn_layer: int = -1  # block whose CLS map ranks the patches (the paper: the last)
+    distillation: str = "soft"
+    alpha: float = 0.5
+    tau: float = 1.0
+    flop_counter: str = "hooks"  # "hooks" (any backend, cheap) or "dispatch" (FlopCounterMode)
+
+    def __post_init__(self):
+        check_maskedkd_config(self)
+
+
+def check_maskedkd_config(cfg: MaskedKDConfig) -> None:
+    check_supervised_config(cfg)
+    if cfg.distillation not in DISTILLATION_KINDS:
+        raise ValueError(f"method.distillation must be one of {DISTILLATION_KINDS}, got {cfg.distillation!r}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ValueError(f"method.alpha must lie in [0, 1], got {cfg.alpha}")
+    if not cfg.tau > 0:
+        raise ValueError(f"method.tau must be > 0, got {cfg.tau}")
+    keep = cfg.teacher_keep
+    if not keep > 0 or (keep >= 1 and float(keep) != int(keep)):
+        raise ValueError(
+            f"method.teacher_keep must be a whole count >= 1 or a fraction in (0, 1), got {keep!r}"
+        )
+    if cfg.flop_counter not in FLOP_COUNTERS:
+        raise ValueError(f"method.flop_counter must be one of {FLOP_COUNTERS}, got {cfg.flop_counter!r}")
+    for k in ("teacher_depth", "teacher_embed_dim", "teacher_num_heads"):
+        if getattr(cfg, k) < 0:
+            raise ValueError(f"method.{k} must be >= 0 (0 = the architecture's own), got {getattr(cfg, k)}")
+    if cfg.teacher_patch_size < 0:
+        raise ValueError(f"method.teacher_patch_size must be >= 0 (0 = the student's), got {cfg.teacher_patch_size}")
+
+
+def resolve_keep(teacher_keep: float, num_patches: int) -> int:
+    """Kept patches for ``N = num_patches``: a count as given, a fraction as ``int(f * N)`` (at least
+    one), both capped at N."""
+    if teacher_keep < 1:
+        return max(1, min(num_patches, int(teacher_keep * num_patches)))
+    return min(num_patches, int(teacher_keep))
+
+
+def select_teacher_tokens(cls_attn: torch.Tensor, keep: int) -> torch.Tensor:
+    """Patch ids [B, keep] (ascending) the teacher runs on: the ``keep`` patches with the highest
+    student CLS attention, ties to the lower index (``fastmask.masking.maskedkd_patch_ids``).
+
+    Patch ids rather than full-sequence ids (``maskedkd_keep_ids``): the teacher's forward with
+    ``ids_keep`` keeps *its own* prefix tokens (CLS, and a DeiT distillation token if it has one)
+    whatever the student's prefix is, and fuses the positional-embedding add into the gather.
+    """
+    from ..masking import maskedkd_patch_ids
+
+    return maskedkd_patch_ids(cls_attn, keep)
+
+
+class MaskedKD(Method):
+    name = "maskedkd"
+    Config = MaskedKDConfig
+    pipeline = "supervised"
+    manual_backward = False
+
+    def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None,
+                 teacher: Optional[nn.Module] = None):
+        super().__init__(cfg, num_classes)
+        mcfg: MaskedKDConfig = self.mcfg
+        check_maskedkd_config(mcfg)
+        self.student = student if student is not None else build_classifier(cfg, num_classes)
+        if teacher is None:
+            patch = mcfg.teacher_patch_size or cfg.model.patch_size
+            from ..models import create_vit, load_checkpoint
+
+            sizes = {k: getattr(mcfg, f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads")
+                     if getattr(mcfg, f"teacher_{k}")}
+            teacher = create_vit(mcfg.teacher_arch, patch_size=patch, img_size=cfg.model.img_size,
+                                 num_classes=num_classes, **sizes)
+            if mcfg.teacher_checkpoint:
+                load_checkpoint(teacher, os.path.expanduser(mcfg.teacher_checkpoint))
+            else:
+                warnings.warn(
+                    "MaskedKD without method.teacher_checkpoint: the teacher is randomly initialised, which only "
+                    "makes sense for tests and throughput runs", stacklevel=2,
+                )
+        if tuple(teacher.grid_size) != tuple(self.student.grid_size):
+            raise ValueError(
+                f"the teacher's patch grid {tuple(teacher.grid_size)} differs from the student's "
+                f"{tuple(self.student.grid_size)}: the student's CLS map cannot pick the teacher's tokens "
+                "(use the same patch size and image size)"
+            )
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.teacher = teacher
+        self.mixer = TargetMixer(mcfg, num_classes)
+        self.keep = resolve_keep(mcfg.teacher_keep, self.student.num_patches)
+        self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
+        self._full_flops_per_sample: Dict[tuple, int] = {}
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        mcfg = cfg.method
+        check_maskedkd_config(mcfg)
+        if mcfg.teacher_checkpoint and not os.path.isfile(os.path.expanduser(mcfg.teacher_checkpoint)):
+            raise ValueError(f"method.teacher_checkpoint: file not found: {mcfg.teacher_checkpoint!r}")
+        patch = mcfg.teacher_patch_size or cfg.model.patch_size
+        if cfg.model.img_size % patch:
+            raise ValueError(f"model.img_size={cfg.model.img_size} is not divisible by the teacher's patch size {patch}")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: dropout/drop-path never run in the teacher
+        return self
+
+    def trainable_modules(self) -> Dict[str, nn.Module]:
+        return {"student": self.student}
+
+    # ------------------------------------------------------------------ teacher
+    def _count(self, fn, *args, **kwargs):
+        """``(fn(...), flops)`` with the configured counter."""
+        if self.flop_meter is not None:
+            with self.flop_meter.measure() as meter:
+                out = fn(*args, **kwargs)
+            return out, meter.flops
+        return count_flops(fn, *args, **kwargs)
+
+    @torch.no_grad()
+    def full_teacher_flops_per_sample(self, images: torch.Tensor) -> int:
+        """FLOPs of the teacher on one full image of this shape, counted once per image shape."""
+        shape = tuple(images.shape[1:])
+        if shape not in self._full_flops_per_sample:
+            one = torch.zeros(1, *shape, device=images.device, dtype=images.dtype)
+            _, self._full_flops_per_sample[shape] = self._count(self.teacher, one)
+        return self._full_flops_per_sample[shape]
+
+    @torch.no_grad()
+    def teacher_logits(self, images: torch.Tensor, ids_keep: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+        """The teacher's logits on the kept tokens (all tokens when ``ids_keep`` is None) and the
+        FLOPs that call spent."""
+        return self._count(self.teacher, images, ids_keep=ids_keep)
+
+    # ------------------------------------------------------------------ step
+    def distillation_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        mcfg: MaskedKDConfig = self.mcfg
+        if mcfg.distillation == "soft":
+            return soft_distillation_loss(student_logits, teacher_logits, mcfg.tau)
+        if mcfg.distillation == "hard":
+            return hard_distillation_loss(student_logits, teacher_logits)
+        return student_logits.new_zeros((), dtype=torch.float32)
+
+    def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
+        mcfg: MaskedKDConfig = self.mcfg
+        images, labels = batch
+        images, targets = self.mixer(images, labels, state.generator)
+        N = self.student.num_patches
+        with autocast_for(state.device, state.amp_dtype):
+            masked_teacher = self.keep < N and mcfg.distillation != "none"
+            if masked_teacher:
+                logits, cls_attn = self.student(images, return_cls_attn=True, attn_layer=mcfg.student_attn_layer)
+            else:
+                logits, cls_attn = self.student(images), None
+            ids_keep = None
+            if masked_teacher:
+                ids_keep = select_teacher_tokens(cls_attn, self.keep)
+            if mcfg.distillation != "none":
+                t_logits, t_flops = self.teacher_logits(images, ids_keep)
+            else:
+                t_logits, t_flops = None, 0
+        loss_cls = classification_loss(logits, targets, mcfg.loss)
+        if t_logits is not None:
+            loss_kd = self.distillation_loss(logits, t_logits)
+            loss = (1.0 - mcfg.alpha) * loss_cls + mcfg.alpha * loss_kd
+        else:
+            loss_kd = torch.zeros((), device=logits.device)
+            loss = loss_cls
+        full = self.full_teacher_flops_per_sample(images) * images.shape[0] if t_logits is not None else 0
+        metrics = {
+            # Detached tensors, not floats: no device sync per step (the driver converts when it logs).
+            "loss_cls": loss_cls.detach(),
+            "loss_kd": loss_kd.detach(),
+            "acc": top1_accuracy(logits.detach(), targets),
+            "teacher_tokens": float(self.keep if ids_keep is not None else N),
+            "teacher_gflops": t_flops / 1e9,
+            "teacher_gflops_full": full / 1e9,
+            "teacher_flops_ratio": (t_flops / full) if full else 0.0,
+        }
+        return loss, metrics
+
+
+METHOD = MaskedKD
