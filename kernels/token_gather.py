@@ -1,0 +1,438 @@
+"""Token gather / scatter, MAE random masking and mask-token replacement (Triton and CUDA backends).
+
+Every op here moves whole token rows of ``D`` channels, so each is one pass over memory: a program
+owns a ``[ROWS, BLOCK_D]`` tile of output rows, resolves which source row (or fill vector) feeds each
+output row from a small index, and copies it with wide loads/stores along ``D``.  The tile width is a
+power of two with masking, so any ``D`` (e.g. 390) works; strides are passed, so non-contiguous inputs
+need no copy (contiguous ``D`` lets Triton emit 16-byte vector accesses).
+
+Scatter runs over *output* rows: a tiny pre-pass writes ``slot[b, n]`` (which kept row lands on token
+``n``, or -1), so every output row is written exactly once and the fill needs no separate pass.
+
+``random_keep`` reproduces ``fastmask.reference.random_masking``'s choice bit for bit: the key of token
+``(b, n)`` is ``philox lane 0 (seed, offset=b*N+n) * N + n`` (unique, so there are no ties); a row
+keeps its ``K`` smallest keys.  One program per row holds its keys in registers, finds the K-th
+smallest by bisecting its value (a few dozen row reductions, no sort), keeps the keys at or below it
+and lays out ``ids_keep``/``ids_restore`` with prefix sums.  (The CUDA kernel bitonic-sorts the keys
+in shared memory instead; both give the same K tokens.)
+
+Functions here assume valid input (``fastmask.ops`` checks it) and take ``backend`` in
+{"triton", "cuda"}; "cuda" calls the ops registered by the extension (``torch.ops.fastmask.*``,
+sources in ``csrc/token_gather.cu``) inside the same autograd Functions.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program tile: enough bytes in flight per program to stream at copy bandwidth, small
+# enough to keep registers (and the interpreter) cheap.
+_TILE_ELEMS = 4096
+_MAX_BLOCK_D = 1024
+_INTERPRETER_TILE_ELEMS = 1 << 15
+
+
+def _block_d(D: int) -> int:
+    """Tile width along D: the widest power of two >= 128 that tiles D exactly (768 -> 256), else
+    the next power of two (390 -> 512; masked lanes cost issue slots, not memory traffic)."""
+    width = _MAX_BLOCK_D
+    while width >= 128:
+        if D % width == 0:
+            return width
+        width //= 2
+    return min(triton.next_power_of_2(D), _MAX_BLOCK_D)
+
+
+def _row_tile(D: int, device: torch.device) -> Tuple[int, int, int]:
+    """(ROWS, BLOCK_D, num_warps) for a row-copy kernel over rows of D channels."""
+    if device.type != "cuda":
+        # The CPU interpreter pays per program, not per masked lane: one wide tile per group of rows.
+        block_d = triton.next_power_of_2(D)
+        return max(1, min(64, _INTERPRETER_TILE_ELEMS // block_d)), block_d, 4
+    block_d = _block_d(D)
+    rows = max(1, min(16, _TILE_ELEMS // block_d))
+    num_warps = 4 if rows * block_d <= 2048 else 8
+    return rows, block_d, num_warps
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _round_float32_to(vals, dtype: tl.constexpr):
+    """Round float32 to ``dtype`` to nearest-even, as torch's ``.to(dtype)`` does.
+
+    bfloat16 is rounded by hand on the bit pattern: the Triton CPU interpreter truncates
+    float32 -> bfloat16, which would make interpreter results differ from the GPU and from torch.
+    """
+    if dtype == tl.bfloat16:
+        bits = vals.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # NaN must stay NaN (rounding could carry its payload into infinity): keep it quiet instead.
+        half = tl.where(vals != vals, (bits >> 16) | 0x40, rounded)
+        return half.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return vals.to(dtype)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, ids_ptr, pos_ptr, out_ptr,
+    num_rows, K, D,
+    stride_sb, stride_sn, stride_sd,
+    stride_ib, stride_ik,
+    stride_pn, stride_pd,
+    stride_ob, stride_ok,
+    HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    b = (rows // K).to(tl.int64)
+    k = (rows % K).to(tl.int64)
+    token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=row_ok, other=0)
+    m = row_ok[:, None] & (cols < D)[None, :]
+    vals = tl.load(src_ptr + (b * stride_sb + token * stride_sn)[:, None] + cols[None, :] * stride_sd, mask=m)
+    if HAS_POS:
+        # Same numerics as the reference: add in float32, round once to the output dtype.
+        pos = tl.load(pos_ptr + (token * stride_pn)[:, None] + cols[None, :] * stride_pd, mask=m)
+        vals = _round_float32_to(vals.to(tl.float32) + pos.to(tl.float32), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (b * stride_ob + k * stride_ok)[:, None] + cols[None, :], vals, mask=m)
+
+
+@triton.jit
+def _token_slots_kernel(ids_ptr, slot_ptr, N, K, stride_ib, stride_ik, BLOCK: tl.constexpr):
+    """slot[b, n] = k where ids[b, k] == n, else -1 (one program per row b)."""
+    b = tl.program_id(0).to(tl.int64)
+    for n0 in range(0, N, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        tl.store(slot_ptr + b * N + n, tl.full([BLOCK], -1, tl.int32), mask=n < N)
+    # The -1 stores above and the k stores below may hit one address from different threads.
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=k < K, other=0)
+        tl.store(slot_ptr + b * N + token, k.to(tl.int32), mask=k < K)
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    src_ptr, slot_ptr, fill_ptr, out_ptr,
+    num_rows, N, D,
+    stride_sb, stride_sk, stride_sd,
+    stride_ob, stride_on,
+    HAS_FILL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, n, :] = src[b, slot[b, n], :] when slot >= 0, else fill (or 0)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    b = (rows // N).to(tl.int64)
+    n = (rows % N).to(tl.int64)
+    slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    kept = slot >= 0
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    # Hidden rows never read the source: the masked load costs no memory traffic.
+    vals = tl.load(src_ptr + (b * stride_sb + slot * stride_sk)[:, None] + cols[None, :] * stride_sd,
+                   mask=m & kept[:, None], other=0.0)
+    if HAS_FILL:
+        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0)
+        vals = tl.where(kept[:, None], vals, fill[None, :])
+    tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
+             vals.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mask_token_kernel(
+    x_ptr, mask_ptr, token_ptr, out_ptr,
+    num_rows, N, D,
+    stride_xb, stride_xn, stride_xd,
+    stride_ob, stride_on,
+    HAS_TOKEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, n, :] = token if mask[b, n] else x[b, n, :] (token 0 when HAS_TOKEN is False: backward)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    b = (rows // N).to(tl.int64)
+    n = (rows % N).to(tl.int64)
+    hidden = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    vals = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :] * stride_xd,
+                   mask=m & ~hidden[:, None], other=0.0)
+    if HAS_TOKEN:
+        token = tl.load(token_ptr + cols, mask=col_ok, other=0.0)
+        vals = tl.where(hidden[:, None], token[None, :], vals)
+    tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
+             vals.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed, B, N, K,
+                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """ROWS rows b: each keeps the K tokens with the smallest Philox keys (see the module docstring).
+
+    On a GPU ROWS is 1 (a row per program); the CPU interpreter batches rows to amortise its per-op cost.
+    """
+    b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    n = tl.arange(0, BLOCK_N)
+    valid = (b < B)[:, None] & (n < N)[None, :]
+    r0, _, _, _ = tl.randint4x(seed, b[:, None] * N + n[None, :])
+    # Triton may sign-extend the uint32 draw when widening; keep its low 32 bits.
+    draw = r0.to(tl.int64) & 0xFFFFFFFF
+    keys = tl.where(valid, draw * N + n[None, :], 9223372036854775807)
+    # The K-th smallest key, by bisection on its value: keys lie in [0, N * 2**32) and each step
+    # counts the keys <= mid (a row reduction), so no sort is needed.  Keys are unique, so
+    # "key <= K-th smallest" keeps exactly K tokens; K == 0 keeps none.
+    lo = tl.full([ROWS], -1, tl.int64)
+    hi = (tl.full([ROWS], 0, tl.int64) + N) << 32
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) >> 1
+        enough = tl.sum((keys <= mid[:, None]).to(tl.int32), axis=1) >= K
+        hi = tl.where(enough, mid, hi)
+        lo = tl.where(enough, lo, mid)
+    threshold = tl.where(K > 0, hi, -1)
+    kept = (keys <= threshold[:, None]) & valid
+    hidden = (~kept) & valid
+    kept_before = tl.cumsum(kept.to(tl.int32), axis=1) - 1
+    hidden_before = tl.cumsum(hidden.to(tl.int32), axis=1) - 1
+    # Kept tokens come first in ascending order, then the hidden ones: ids_restore inverts that list.
+    restore = tl.where(kept, kept_before, K + hidden_before).to(tl.int64)
+    row = b.to(tl.int64)[:, None]
+    token = n.to(tl.int64)[None, :]
+    tl.store(ids_keep_ptr + row * K + kept_before, token + row * 0, mask=kept)
+    tl.store(mask_ptr + row * N + token, hidden.to(tl.uint8), mask=valid)
+    tl.store(ids_restore_ptr + row * N + token, restore, mask=valid)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (one per op and backend)
+# --------------------------------------------------------------------------------------------
+
+def _cuda_ops():
+    """torch.ops.fastmask after loading the extension that registers the CUDA kernels."""
+    importlib.import_module("fastmask._C")
+    return torch.ops.fastmask
+
+
+def _pos_2d(pos_embed: Optional[torch.Tensor], N: int, D: int) -> Optional[torch.Tensor]:
+    return None if pos_embed is None else pos_embed.reshape(N, D)
+
+
+def _gather(x, ids, pos_embed, backend: str) -> torch.Tensor:
+    B, N, D = x.shape
+    K = ids.shape[1]
+    pos = _pos_2d(pos_embed, N, D)
+    if backend == "cuda":
+        return _cuda_ops().gather_tokens(x, ids, pos)
+    out = torch.empty(B, K, D, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    rows, block_d, num_warps = _row_tile(D, out.device)
+    grid = (triton.cdiv(B * K, rows), triton.cdiv(D, block_d))
+    _gather_rows_kernel[grid](
+        x, ids, pos if pos is not None else x, out,
+        B * K, K, D,
+        x.stride(0), x.stride(1), x.stride(2),
+        ids.stride(0), ids.stride(1),
+        pos.stride(0) if pos is not None else 0, pos.stride(1) if pos is not None else 0,
+        out.stride(0), out.stride(1),
+        HAS_POS=pos is not None, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
+
+
+def _token_slots(ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    B, K = ids.shape
+    slot = torch.empty(B, num_tokens, dtype=torch.int32, device=ids.device)
+    block = min(triton.next_power_of_2(max(num_tokens, 1)), 1024)
+    _token_slots_kernel[(B,)](ids, slot, num_tokens, K, ids.stride(0), ids.stride(1), BLOCK=block)
+    return slot
+
+
+def _scatter(x_kept, ids, num_tokens: int, fill, backend: str) -> torch.Tensor:
+    B, K, D = x_kept.shape
+    fill_vec = None if fill is None else fill.reshape(D).to(x_kept.dtype).contiguous()
+    if backend == "cuda":
+        return _cuda_ops().scatter_tokens(x_kept, ids, num_tokens, fill_vec)
+    out = torch.empty(B, num_tokens, D, dtype=x_kept.dtype, device=x_kept.device)
+    if out.numel() == 0:
+        return out
+    slot = _token_slots(ids, num_tokens)
+    rows, block_d, num_warps = _row_tile(D, out.device)
+    grid = (triton.cdiv(B * num_tokens, rows), triton.cdiv(D, block_d))
+    _scatter_rows_kernel[grid](
+        x_kept, slot, fill_vec if fill_vec is not None else out, out,
+        B * num_tokens, num_tokens, D,
+        x_kept.stride(0), x_kept.stride(1), x_kept.stride(2),
+        out.stride(0), out.stride(1),
+        HAS_FILL=fill_vec is not None, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
+
+
+def _mask_token(x, mask, token, backend: str) -> torch.Tensor:
+    """where(mask, token, x); ``token`` None means zeros (the backward of the x branch)."""
+    B, N, D = x.shape
+    if backend == "cuda":
+        if token is None:
+            token = torch.zeros(D, dtype=x.dtype, device=x.device)
+        return _cuda_ops().apply_mask_token(x, mask, token.to(x.dtype).contiguous())
+    out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    mask_u8 = mask.contiguous().view(torch.uint8)
+    token_vec = None if token is None else token.to(x.dtype).contiguous()
+    rows, block_d, num_warps = _row_tile(D, out.device)
+    grid = (triton.cdiv(B * N, rows), triton.cdiv(D, block_d))
+    _mask_token_kernel[grid](
+        x, mask_u8, token_vec if token_vec is not None else x, out,
+        B * N, N, D,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1),
+        HAS_TOKEN=token_vec is not None, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# autograd Functions
+# --------------------------------------------------------------------------------------------
+
+class _GatherTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ids, pos_embed, backend):
+        ctx.save_for_backward(ids)
+        ctx.num_tokens = x.shape[1]
+        ctx.backend = backend
+        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
+        return _gather(x, ids, pos_embed, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        need_x, _, need_pos, _ = ctx.needs_input_grad
+        grad_x = grad_pos = None
+        if need_x or need_pos:
+            # ids are unique per row, so the scatter is a plain write: no atomics, deterministic.
+            grad_x = _scatter(grad_out, ids, ctx.num_tokens, None, ctx.backend)
+        if need_pos:
+            shape, dtype = ctx.pos_meta
+            grad_pos = grad_x.sum(0, dtype=torch.float32).to(dtype).reshape(shape)
+        return (grad_x if need_x else None), None, grad_pos, None
+
+
+class _ScatterTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_kept, ids, num_tokens, fill, backend):
+        ctx.save_for_backward(ids)
+        ctx.backend = backend
+        ctx.fill_meta = None if fill is None else (fill.shape, fill.dtype)
+        return _scatter(x_kept, ids, num_tokens, fill, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        need_x, _, _, need_fill, _ = ctx.needs_input_grad
+        grad_x = grad_fill = None
+        if need_x or need_fill:
+            grad_x = _gather(grad_out, ids, None, ctx.backend)
+        if need_fill:
+            # The fill reaches every row not in ids: the total minus the kept rows (float32 sums).
+            shape, dtype = ctx.fill_meta
+            total = grad_out.sum((0, 1), dtype=torch.float32)
+            grad_fill = (total - grad_x.sum((0, 1), dtype=torch.float32)).to(dtype).reshape(shape)
+        return (grad_x if need_x else None), None, None, grad_fill, None
+
+
+class _ApplyMaskToken(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, mask_token, backend):
+        ctx.save_for_backward(mask)
+        ctx.backend = backend
+        ctx.token_meta = (mask_token.shape, mask_token.dtype)
+        return _mask_token(x, mask, mask_token, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask,) = ctx.saved_tensors
+        need_x, _, need_token, _ = ctx.needs_input_grad
+        grad_x = grad_token = None
+        if need_x:
+            grad_x = _mask_token(grad_out, mask, None, ctx.backend)
+        if need_token:
+            shape, dtype = ctx.token_meta
+            hidden = mask.unsqueeze(-1)
+            grad_token = torch.where(hidden, grad_out, 0).sum((0, 1), dtype=torch.float32)
+            grad_token = grad_token.to(dtype).reshape(shape)
+        return grad_x, None, grad_token, None
+
+
+# --------------------------------------------------------------------------------------------
+# entry points used by fastmask.ops
+# --------------------------------------------------------------------------------------------
+
+def _check_backend(backend: str) -> None:
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"backend must be 'triton' or 'cuda' here, got {backend!r}")
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.Tensor] = None, *,
+                  backend: str = "triton") -> torch.Tensor:
+    """[B, K, D] = x[b, ids[b, k]] (+ pos_embed[ids[b, k]] in float32); see fastmask.ops.gather_tokens."""
+    _check_backend(backend)
+    return _GatherTokens.apply(x, ids, pos_embed, backend)
+
+
+def scatter_tokens(x_kept: torch.Tensor, ids: torch.Tensor, num_tokens: int, fill: Optional[torch.Tensor] = None,
+                   *, backend: str = "triton") -> torch.Tensor:
+    """[B, N, D] with rows ids[b, k] = x_kept[b, k], others fill (or 0); see fastmask.ops.scatter_tokens."""
+    _check_backend(backend)
+    return _ScatterTokens.apply(x_kept, ids, num_tokens, fill, backend)
+
+
+def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, *,
+                     backend: str = "triton") -> torch.Tensor:
+    """where(mask, mask_token, x) over rows; see fastmask.ops.apply_mask_token."""
+    _check_backend(backend)
+    return _ApplyMaskToken.apply(x, mask, mask_token.reshape(-1), backend)
+
+
+def random_keep(batch: int, num_tokens: int, keep: int, seed: int, device, *,
+                backend: str = "triton") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep [B, K] sorted, mask [B, N] True = hidden, ids_restore [B, N]), bit-identical to
+    ``fastmask.reference.random_masking`` for the same seed."""
+    _check_backend(backend)
+    if not 0 <= keep <= num_tokens:
+        raise ValueError(f"keep must lie in [0, num_tokens={num_tokens}], got {keep}")
+    if batch * num_tokens > 2**31 - 1:
+        raise ValueError("random_keep draws one 32-bit Philox counter per token: B*N must stay below 2**31")
+    device = torch.device(device)
+    ids_keep = torch.empty(batch, keep, dtype=torch.int64, device=device)
+    mask = torch.empty(batch, num_tokens, dtype=torch.bool, device=device)
+    ids_restore = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
+    if batch == 0 or num_tokens == 0:
+        return ids_keep, mask, ids_restore
+    seed = int(seed) & (2**64 - 1)  # Philox keys on the low 64 bits
+    if backend == "cuda":
+        # The op takes a signed int64; the kernel reads the same 64 bits back as unsigned.
+        _cuda_ops().random_keep(ids_keep, mask, ids_restore, seed - 2**64 if seed >= 2**63 else seed)
+        return ids_keep, mask, ids_restore
+    block_n = triton.next_power_of_2(num_tokens)
+    if device.type == "cuda":
+        rows, num_warps = 1, 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+    else:
+        rows, num_warps = min(triton.next_power_of_2(batch), max(1, 4096 // block_n)), 4
+    _random_keep_kernel[(triton.cdiv(batch, rows),)](
+        ids_keep, mask.view(torch.uint8), ids_restore, seed, batch, num_tokens, keep,
+        ROWS=rows, BLOCK_N=block_n, SEARCH_STEPS=(block_n << 32).bit_length(), num_warps=num_warps,
+    )
+    return ids_keep, mask, ids_restore
