@@ -1,0 +1,304 @@
+// Top-k token selection and AttMask masks from a CLS attention map: one thread block per row.
+//
+// Same algorithm as kernels/topk_mask.py, bit-identical to fastmask/reference.py:
+//   * each score becomes a uint32 key whose unsigned order is the rank order (float order, reversed
+//     for "largest"; -0.0 is folded into +0.0 first because torch sorts them as equal);
+//   * "the k smallest (key, index) pairs" is answered by a most-significant-bit-first radix select
+//     over the key bits, then over the index bits for the ties: one block-wide count per bit, so the
+//     row is read from shared memory ~(32 + log2 N) times and never sorted;
+//   * hints run the same select on Philox lane-0 keys (seed, b*N + n) among the candidates, which
+//     orders exactly like the reference's int64 key r0 * N + n;
+//   * the row gate (Philox lane 1 at offset b) is drawn first, so gated-off rows only write zeros.
+// Registered as torch.ops.fastmask.topk_tokens / cls_attention_mask.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.h"
+#include "philox.cuh"
+
+namespace fastmask {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / kWarp;
+
+// uint32 key whose ascending order is the rank order of the score.  Pure integer work on the bit
+// pattern: float compares could flush denormals to zero (--use_fast_math), torch keeps them apart.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t order_key(scalar_t value, bool largest) {
+  uint32_t key;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    uint32_t bits = __float_as_uint(value);
+    if ((bits << 1) == 0u) bits = 0u;  // -0.0 -> +0.0: torch sorts them as equal
+    key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    if (largest) key = ~key;
+  } else {
+    // Half and bfloat16 (c10 types keep their bits in .x): order on their own 16 bits, so the
+    // select needs 16 rounds instead of 32.
+    uint32_t bits = value.x;
+    if ((bits & 0x7FFFu) == 0u) bits = 0u;
+    key = (bits & 0x8000u) ? (~bits & 0xFFFFu) : (bits | 0x8000u);
+    if (largest) key ^= 0xFFFFu;
+  }
+  return key;
+}
+
+template <typename scalar_t>
+constexpr int key_bits() {
+  return std::is_same<scalar_t, float>::value ? 32 : 16;
+}
+
+// Block-wide sums of one int per thread; every thread gets the total.  The warp partials go to
+// one of two shared buffers in turn, so one barrier per sum suffices: a thread can only overwrite a
+// buffer two sums later, after a barrier every thread reaches once done reading it.  All threads
+// must make the same sequence of calls (they do: the select loops are block-uniform).
+struct BlockSum {
+  int (*partials)[kMaxWarps];  // [2][kMaxWarps] in shared memory
+  int phase = 0;
+  __device__ __forceinline__ int operator()(int value) {
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xFFFFFFFFu, value, offset);
+    int* buf = partials[phase];
+    phase ^= 1;
+    if (threadIdx.x % kWarp == 0) buf[threadIdx.x / kWarp] = value;
+    __syncthreads();
+    int total = 0;
+    const int num_warps = blockDim.x / kWarp;
+    for (int w = 0; w < num_warps; ++w) total += buf[w];
+    return total;
+  }
+};
+
+// Selection threshold: element (key, n) is among the k smallest iff (key, n) < (key_bound, index_bound)
+// lexicographically.
+struct Bound {
+  uint32_t key;
+  uint32_t index;
+  __device__ __forceinline__ bool below(uint32_t k, uint32_t n) const { return k < key || (k == key && n < index); }
+};
+
+// The k smallest (key, index) pairs among the elements where eligible(n) holds.  k <= 0 selects none,
+// k >= #eligible selects all.  keys: the row in shared memory.
+template <typename Eligible>
+__device__ Bound smallest_k(const uint32_t* keys, int N, int64_t k, int nbits, Eligible eligible, BlockSum& block_sum) {
+  // Key of the k-th smallest: the largest v with count(key < v) < k, built one bit at a time.
+  uint32_t kth = 0;
+  for (int bit = nbits - 1; bit >= 0; --bit) {
+    const uint32_t trial = kth | (1u << bit);
+    int count = 0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) count += (eligible(n) && keys[n] < trial);
+    if (block_sum(count) < k) kth = trial;
+  }
+  int below = 0;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) below += (eligible(n) && keys[n] < kth);
+  const int64_t room = k - block_sum(below);
+  // Ties take the remaining room lowest index first: the largest m with count(tie, n < m) < room,
+  // then every tie with n <= m is in.
+  uint32_t last = 0;
+  int index_bits = 1;
+  while ((1 << index_bits) <= N) ++index_bits;
+  if (room <= 0) return Bound{kth, 0u};
+  for (int bit = index_bits - 1; bit >= 0; --bit) {
+    const uint32_t trial = last | (1u << bit);
+    int count = 0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) count += (eligible(n) && keys[n] == kth && uint32_t(n) < trial);
+    if (block_sum(count) < room) last = trial;
+  }
+  return Bound{kth, last + 1};
+}
+
+template <typename scalar_t>
+__global__ void topk_tokens_kernel(const scalar_t* __restrict__ scores, int64_t* __restrict__ ids, int N, int k,
+                                   bool largest) {
+  extern __shared__ uint32_t keys[];
+  __shared__ int sum_partials[2][kMaxWarps];
+  __shared__ int warp_sums[kMaxWarps];
+  BlockSum block_sum{sum_partials};
+  const int64_t row = blockIdx.x;
+  const scalar_t* row_scores = scores + row * N;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) keys[n] = order_key(row_scores[n], largest);
+  __syncthreads();
+  const auto all = [](int) { return true; };
+  const Bound bound = smallest_k(keys, N, k, key_bits<scalar_t>(), all, block_sum);
+  // Write the chosen indices in ascending order: a block-wide exclusive scan of the chosen flags,
+  // one blockDim-wide chunk at a time (ballot within warps, warp totals through shared memory).
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, num_warps = blockDim.x / kWarp;
+  int written = 0;
+  for (int start = 0; start < N; start += blockDim.x) {
+    const int n = start + threadIdx.x;
+    const bool chosen = n < N && bound.below(keys[n], n);
+    const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, chosen);
+    if (lane == 0) warp_sums[warp] = __popc(ballot);
+    __syncthreads();
+    int before = written, chunk = 0;
+    for (int w = 0; w < num_warps; ++w) {
+      before += w < warp ? warp_sums[w] : 0;
+      chunk += warp_sums[w];
+    }
+    if (chosen) ids[row * k + before + __popc(ballot & ((1u << lane) - 1u))] = n;
+    written += chunk;
+    __syncthreads();
+  }
+}
+
+enum Mode : int { kHigh = 0, kLow = 1, kHint = 2 };
+
+template <typename scalar_t>
+__global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn, const int64_t* __restrict__ num_masked,
+                                          const int64_t* __restrict__ num_shown, bool* __restrict__ mask, int N,
+                                          uint64_t seed, int64_t gate_threshold, int num_candidates, int mode) {
+  extern __shared__ uint32_t shared[];
+  uint32_t* keys = shared;         // attention order keys
+  uint32_t* hint_keys = shared + N;  // Philox keys (hint mode only)
+  __shared__ int sum_partials[2][kMaxWarps];
+  BlockSum block_sum{sum_partials};
+  const int64_t row = blockIdx.x;
+  bool* row_mask = mask + row * N;
+  // Block-uniform gate: every thread draws the same number, so the early exit is uniform.
+  if (gate_threshold < (int64_t(1) << 32) &&
+      !(int64_t(philox4x32(seed, static_cast<uint32_t>(row)).r1) < gate_threshold)) {
+    for (int n = threadIdx.x; n < N; n += blockDim.x) row_mask[n] = false;
+    return;
+  }
+  const scalar_t* row_attn = cls_attn + row * N;
+  const bool largest = mode != kLow;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    keys[n] = order_key(row_attn[n], largest);
+    if (mode == kHint) hint_keys[n] = philox4x32(seed, static_cast<uint32_t>(row * N + n)).r0;
+  }
+  __syncthreads();
+  const auto all = [](int) { return true; };
+  const Bound hidden = smallest_k(keys, N, num_masked[row], key_bits<scalar_t>(), all, block_sum);
+  Bound revealed{0u, 0u}, candidate{0u, 0u};
+  if (mode == kHint) {
+    candidate = smallest_k(keys, N, num_candidates, key_bits<scalar_t>(), all, block_sum);
+    const auto is_candidate = [&](int n) { return candidate.below(keys[n], n); };
+    revealed = smallest_k(hint_keys, N, num_shown[row], 32, is_candidate, block_sum);
+  }
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    bool h = hidden.below(keys[n], n);
+    if (mode == kHint) h = h && !(candidate.below(keys[n], n) && revealed.below(hint_keys[n], n));
+    row_mask[n] = h;
+  }
+}
+
+int threads_for(int64_t N) {
+  int threads = kWarp;
+  while (threads < N && threads < kMaxThreads) threads *= 2;
+  return threads;
+}
+
+void check_row(const at::Tensor& t, const char* name) {
+  FM_CHECK_CUDA(t);
+  TORCH_CHECK(t.dim() == 2, name, " must have shape [B, N], got ", t.sizes());
+  TORCH_CHECK(t.size(1) < (int64_t(1) << 31), name, " rows longer than 2**31 are not supported");
+}
+
+size_t shared_bytes(int64_t N, int rows_of_keys) {
+  const size_t bytes = size_t(N) * sizeof(uint32_t) * rows_of_keys;
+  int device;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int limit;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= size_t(limit), "rows of ", N, " tokens need ", bytes, " bytes of shared memory; the device has ",
+              limit);
+  return bytes;
+}
+
+template <typename Kernel>
+void allow_shared(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+}
+
+// The three score types the ops accept (AT_DISPATCH_FLOATING_TYPES_AND2 would also instantiate the
+// kernels for double).  fn receives a value of the element type.
+template <typename Fn>
+void dispatch_scores(at::ScalarType type, const char* name, Fn fn) {
+  switch (type) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", type);
+  }
+}
+
+at::Tensor topk_tokens(const at::Tensor& scores_in, int64_t k, bool largest) {
+  check_row(scores_in, "scores");
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t B = scores.size(0), N = scores.size(1);
+  TORCH_CHECK(k >= 0 && k <= N, "k must lie in [0, N=", N, "], got ", k);
+  at::Tensor ids = at::empty({B, k}, scores.options().dtype(at::kLong));
+  if (B == 0 || k == 0) return ids;
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const size_t smem = shared_bytes(N, 1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_scores(scores.scalar_type(), "scores", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto kernel = topk_tokens_kernel<scalar_t>;
+    allow_shared(kernel, smem);
+    kernel<<<B, threads_for(N), smem, stream>>>(scores.data_ptr<scalar_t>(), ids.data_ptr<int64_t>(), int(N), int(k),
+                                                largest);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ids;
+}
+
+at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const at::Tensor& num_masked_in, int64_t seed,
+                              c10::string_view mode, int64_t gate_threshold, int64_t num_candidates,
+                              const at::Tensor& num_shown_in) {
+  check_row(cls_attn_in, "cls_attn");
+  const at::Tensor cls_attn = cls_attn_in.contiguous();
+  const int64_t B = cls_attn.size(0), N = cls_attn.size(1);
+  int mode_id;
+  if (mode == "high") {
+    mode_id = kHigh;
+  } else if (mode == "low") {
+    mode_id = kLow;
+  } else if (mode == "hint") {
+    mode_id = kHint;
+  } else {
+    TORCH_CHECK(false, "mode must be 'high', 'low' or 'hint', got '", std::string(mode), "'");
+  }
+  TORCH_CHECK(num_masked_in.dim() == 1 && num_masked_in.size(0) == B, "num_masked must have shape [B]=[", B, "]");
+  TORCH_CHECK(num_shown_in.dim() == 1 && num_shown_in.size(0) == B, "num_shown must have shape [B]=[", B, "]");
+  const at::Tensor num_masked = num_masked_in.to(cls_attn.device(), at::kLong).contiguous();
+  const at::Tensor num_shown = num_shown_in.to(cls_attn.device(), at::kLong).contiguous();
+  at::Tensor mask = at::zeros({B, N}, cls_attn.options().dtype(at::kBool));
+  if (B == 0 || N == 0 || gate_threshold <= 0) return mask;
+  const c10::cuda::CUDAGuard guard(cls_attn.device());
+  const size_t smem = shared_bytes(N, mode_id == kHint ? 2 : 1);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_scores(cls_attn.scalar_type(), "cls_attn", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    auto kernel = cls_attention_mask_kernel<scalar_t>;
+    allow_shared(kernel, smem);
+    kernel<<<B, threads_for(N), smem, stream>>>(
+        cls_attn.data_ptr<scalar_t>(), num_masked.data_ptr<int64_t>(), num_shown.data_ptr<int64_t>(),
+        mask.data_ptr<bool>(), int(N), static_cast<uint64_t>(seed), gate_threshold, int(num_candidates), mode_id);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
+}  // namespace
+}  // namespace fastmask
+
+TORCH_LIBRARY_FRAGMENT(fastmask, m) {
+  m.def("topk_tokens(Tensor scores, int k, bool largest) -> Tensor");
+  m.def(
+      "cls_attention_mask(Tensor cls_attn, Tensor num_masked, int seed, str mode, int gate_threshold, "
+      "int num_candidates, Tensor num_shown) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
+  m.impl("topk_tokens", &fastmask::topk_tokens);
+  m.impl("cls_attention_mask", &fastmask::cls_attention_mask);
+}

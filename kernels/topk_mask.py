@@ -1,0 +1,192 @@
+"""Top-k token selection and AttMask masks from a CLS attention map: one program per row.
+
+Both ops reduce to one primitive, "which elements of this row are among the k smallest (key, index)
+pairs": keys are uint32, ties go to the lower index.  Instead of sorting the row we find the k-th
+smallest key by a most-significant-bit-first radix select (one count over the row per key bit,
+``KEY_BITS`` = 32 for float32 scores, 16 for float16/bfloat16), then take the lowest-indexed ties
+with one prefix sum.  The row never leaves registers and the output is written once.
+
+Keys:
+  * scores -> uint32 whose unsigned order is the float order (flip all bits of negatives, set the
+    sign bit of non-negatives; -0.0 is first turned into +0.0 because torch sorts them as equal);
+    ``largest`` reverses the key order, so "k smallest keys" is always the question asked.
+  * hint reveals -> ``philox lane 0 (seed, b*N + n)``; ordering (r0, n) is the same as ordering the
+    reference's int64 key ``r0 * N + n``.
+
+Everything matches ``fastmask.reference`` bit for bit (see ``reference.rank_tokens``); the CUDA
+version lives in ``csrc/topk_mask.cu`` and is reached through ``torch.ops.fastmask``.
+Inputs are assumed valid here (``fastmask.ops`` checks them).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = {"high": 0, "low": 1, "hint": 2}
+_GATE_ALWAYS = 2**32  # gate_threshold at or above this masks every row: skip the gate draw
+
+
+@triton.jit
+def _order_keys(x, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr):
+    """uint32 keys whose ascending order is the rank order (descending scores when LARGEST)."""
+    # Integer work on the bit pattern only (a float compare may flush denormals on the GPU).
+    # torch orders -0.0 and +0.0 as equal (then by index): fold -0.0 into +0.0 first.
+    if KEY_BITS == 32:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where((bits << 1) == 0, 0, bits)
+        sign = bits >> 31  # arithmetic shift: all ones for negatives, zero otherwise
+        ukey = (bits ^ (sign | tl.full(bits.shape, -2147483648, tl.int32))).to(tl.uint32, bitcast=True)
+        if LARGEST:
+            ukey = ~ukey
+    else:
+        bits = x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended half/bfloat16 pattern
+        bits = tl.where((bits & 0x7FFF) == 0, 0, bits)
+        sign = bits >> 31
+        ukey = ((bits ^ (sign | 0x8000)) & 0xFFFF).to(tl.uint32)
+        if LARGEST:
+            ukey = ukey ^ 0xFFFF
+    return ukey
+
+
+@triton.jit
+def _smallest_k(ukey, valid, k, KEY_BITS: tl.constexpr):
+    """Mask of the valid elements among the k smallest (ukey, index) pairs of the row.
+
+    k <= 0 selects nothing and k >= #valid selects every valid element.
+    """
+    # Largest v with count(key < v) < k, built bit by bit: v is then the k-th smallest key.
+    kth = tl.zeros((), dtype=tl.uint32)
+    for i in tl.static_range(KEY_BITS):
+        trial = kth | tl.full((), 1 << (KEY_BITS - 1 - i), tl.uint32)
+        below = tl.sum((valid & (ukey < trial)).to(tl.int32), axis=0)
+        kth = tl.where(below < k, trial, kth)
+    strictly_below = valid & (ukey < kth)
+    ties = valid & (ukey == kth)
+    # The remaining slots go to the lowest-indexed ties (the reference's stable sort order).
+    room = k - tl.sum(strictly_below.to(tl.int32), axis=0)
+    return strictly_below | (ties & (tl.cumsum(ties.to(tl.int32), axis=0) <= room))
+
+
+@triton.jit
+def _topk_tokens_kernel(
+    scores_ptr, ids_ptr, N, k, stride_b, stride_n,
+    LARGEST: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    x = tl.load(scores_ptr + row * stride_b + cols * stride_n, mask=valid, other=0)
+    chosen = _smallest_k(_order_keys(x, LARGEST, KEY_BITS), valid, k, KEY_BITS)
+    # Chosen tokens are written in index order: slot = number of chosen tokens before this one.
+    slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
+    tl.store(ids_ptr + row * k + slot, cols.to(tl.int64), mask=chosen)
+
+
+@triton.jit
+def _row_mask(
+    x, valid, cols, row, seed, N, num_masked, num_candidates, num_shown,
+    MODE: tl.constexpr, KEY_BITS: tl.constexpr,
+):
+    ukey = _order_keys(x, MODE != 1, KEY_BITS)
+    hidden = _smallest_k(ukey, valid, num_masked, KEY_BITS)
+    if MODE == 2:
+        # Hints: reveal the num_shown candidates (the num_candidates most attended tokens) with the
+        # smallest Philox keys (r0, n), i.e. a uniform draw without replacement.
+        candidates = _smallest_k(ukey, valid, num_candidates, KEY_BITS)
+        r0, _, _, _ = tl.randint4x(seed, (row * N + cols).to(tl.int32))
+        revealed = _smallest_k(r0, candidates, num_shown, 32)
+        hidden = hidden & ~revealed
+    return hidden
+
+
+@triton.jit
+def _cls_attention_mask_kernel(
+    attn_ptr, num_masked_ptr, num_shown_ptr, mask_ptr,
+    seed, gate_threshold, N, num_candidates, stride_b, stride_n,
+    MODE: tl.constexpr, GATED: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    hidden = tl.zeros([BLOCK], dtype=tl.int1)
+    if GATED:
+        # Row gate: philox lane 1 at offset b, compared as an integer (threshold may be 2**32).
+        _, gate, _, _ = tl.randint4x(seed, row)
+        masked_row = (gate.to(tl.int64) & 0xFFFFFFFF) < gate_threshold
+    else:
+        masked_row = True
+    if masked_row:  # gated-off rows skip the selection entirely
+        x = tl.load(attn_ptr + row.to(tl.int64) * stride_b + cols * stride_n, mask=valid, other=0)
+        num_masked = tl.load(num_masked_ptr + row)
+        num_shown = tl.load(num_shown_ptr + row)
+        hidden = _row_mask(x, valid, cols, row, seed, N, num_masked, num_candidates, num_shown, MODE, KEY_BITS)
+    tl.store(mask_ptr + row.to(tl.int64) * N + cols, hidden.to(tl.uint8), mask=valid)
+
+
+def _launch_config(num_tokens: int):
+    block = triton.next_power_of_2(max(num_tokens, 1))
+    # One row per program; a warp per 512 elements keeps the per-bit counts mostly inside warps.
+    return block, max(1, min(8, block // 512))
+
+
+def _key_bits(dtype: torch.dtype) -> int:
+    return 32 if dtype == torch.float32 else 16
+
+
+def _cuda_ops():
+    import fastmask._C  # noqa: F401  (registers torch.ops.fastmask.*)
+
+    return torch.ops.fastmask
+
+
+def topk_tokens(scores: torch.Tensor, k: int, largest: bool = True, *, backend: str = "triton") -> torch.Tensor:
+    """[B, k] int64 indices of each row's k largest (smallest) scores, ascending; ties to the lower index."""
+    B, N = scores.shape
+    if backend == "cuda":
+        return _cuda_ops().topk_tokens(scores, k, largest)
+    ids = torch.empty(B, k, dtype=torch.int64, device=scores.device)
+    if B == 0 or k == 0:
+        return ids
+    block, num_warps = _launch_config(N)
+    _topk_tokens_kernel[(B,)](
+        scores, ids, N, k, scores.stride(0), scores.stride(1),
+        LARGEST=bool(largest), KEY_BITS=_key_bits(scores.dtype), BLOCK=block, num_warps=num_warps,
+    )
+    return ids
+
+
+def cls_attention_mask(
+    cls_attn: torch.Tensor,
+    num_masked: torch.Tensor,
+    seed: int,
+    *,
+    mode: str,
+    gate_threshold: int,
+    num_candidates: int,
+    num_shown: torch.Tensor,
+    backend: str = "triton",
+) -> torch.Tensor:
+    """AttMask mask [B, N] bool (True = hidden), bit-identical to ``reference.cls_attention_mask``.
+
+    num_masked / num_shown: int64 [B] per-row counts; gate_threshold: rows whose Philox gate draw is
+    below it are masked (2**32 = every row); num_candidates: size of the hint pool.
+    """
+    B, N = cls_attn.shape
+    num_masked = num_masked.to(device=cls_attn.device, dtype=torch.int64).contiguous()
+    num_shown = num_shown.to(device=cls_attn.device, dtype=torch.int64).contiguous()
+    if backend == "cuda":
+        return _cuda_ops().cls_attention_mask(
+            cls_attn, num_masked, int(seed), mode, int(gate_threshold), int(num_candidates), num_shown
+        )
+    mask = torch.zeros(B, N, dtype=torch.uint8, device=cls_attn.device)
+    if B == 0 or N == 0 or gate_threshold <= 0:
+        return mask.view(torch.bool)
+    block, num_warps = _launch_config(N)
+    _cls_attention_mask_kernel[(B,)](
+        cls_attn, num_masked, num_shown, mask,
+        int(seed), int(gate_threshold), N, int(num_candidates), cls_attn.stride(0), cls_attn.stride(1),
+        MODE=MODES[mode], GATED=gate_threshold < _GATE_ALWAYS, KEY_BITS=_key_bits(cls_attn.dtype),
+        BLOCK=block, num_warps=num_warps,
+    )
+    return mask.view(torch.bool)
