@@ -1,6 +1,9 @@
 // Shared helpers for fastmask's CUDA kernels.
 #pragma once
-#include <torch/extension.h>
+// ATen + the op registry only: torch/extension.h drags in pybind11 and the whole C++ frontend,
+// which doubles nvcc time for every .cu file.
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #define FM_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
 #define FM_CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")

@@ -1,0 +1,175 @@
+"""Turning a checkpoint file into a ViT to analyse.
+
+Understands (1) checkpoints written by the training driver (``python -m fastmask.train``: the run's
+config plus the method's state dict; the student backbone is taken by default, any other
+sub-module with a ``prefix`` such as ``teacher.`` or ``teacher.backbone.``), and (2) plain
+timm-style state dicts or the files ``fastmask.models.load_checkpoint`` reads (DeiT/MAE ``model``,
+DINO/iBOT ``teacher``).  The architecture is read off the weights' shapes (width, depth, patch size,
+resolution, MLP ratio, classifier); the number of heads, which shapes do not show, comes from
+``num_heads=``, the run's config, or the ViT convention of 64 channels per head.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
+
+_PREFIXES = ("student.backbone.", "student.", "backbone.", "model.", "module.", "")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def select_backbone_state(sd: Dict[str, torch.Tensor], prefix: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The ViT weights inside ``sd``: those under ``prefix`` (stripped), or under the first of
+    student.backbone. / student. / backbone. / model. / module. / (none) that holds a patch embedding."""
+    candidates = (prefix,) if prefix is not None else _PREFIXES
+    for p in candidates:
+        if f"{p}patch_embed.proj.weight" in sd:
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}, p
+    have = sorted({k.split(".")[0] for k in sd})
+    raise ValueError(
+        f"no ViT weights (patch_embed.proj.weight) under prefix {candidates if prefix is None else prefix!r}; "
+        f"top-level names in the checkpoint: {have}"
+    )
+
+
+def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """timm ``VisionTransformer`` arguments read off a state dict's shapes (all but num_heads)."""
+    proj = sd["patch_embed.proj.weight"]  # [D, 3, p, p]
+    embed_dim, patch = int(proj.shape[0]), int(proj.shape[-1])
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    kw: Dict[str, Any] = dict(embed_dim=embed_dim, depth=depth, patch_size=patch)
+    prefix = 1 + (1 if "dist_token" in sd else 0) + (int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0)
+    if "pos_embed" in sd:
+        n = int(sd["pos_embed"].shape[1])
+
+        def square(v):
+            return v > 0 and int(round(v ** 0.5)) ** 2 == v
+
+        if square(n - prefix):
+            n_patches = n - prefix
+        elif square(n):  # positions for the patches only (timm's no_embed_class)
+            n_patches = n
+            kw["no_embed_class"] = True
+        else:
+            raise ValueError(f"pos_embed has {n} positions: not a square grid (+{prefix} prefix tokens)")
+        kw["img_size"] = int(round(n_patches ** 0.5)) * patch
+    if "reg_token" in sd:
+        kw["reg_tokens"] = int(sd["reg_token"].shape[1])
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        kw["mlp_ratio"] = fc1.shape[0] / embed_dim
+    kw["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
+    if "blocks.0.attn.q_norm.weight" in sd:
+        kw["qk_norm"] = True
+    if "blocks.0.ls1.gamma" in sd:
+        kw["init_values"] = 1e-5  # LayerScale present; its values come from the checkpoint
+    head = sd.get("head.weight")
+    kw["num_classes"] = int(head.shape[0]) if head is not None and head.dim() == 2 else 0
+    if "fc_norm.weight" in sd:
+        kw["global_pool"] = "avg"
+    return kw
+
+
+def _read(path: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors; the
+    # file is the user's own.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_vit_for_analysis(
+    path: str,
+    *,
+    prefix: Optional[str] = None,
+    arch: Optional[str] = None,
+    num_heads: Optional[int] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """A ``MaskedViT`` with the weights of ``path`` (eval mode, CPU) and a description of what was loaded.
+
+    ``arch`` (a ``create_vit`` name such as ``vit_small``) sets the preset instead of shape inference;
+    ``model_kwargs`` override any architecture argument either way.
+    """
+    from ..models import MaskedViTDistilled, create_vit
+
+    ckpt = _read(path)
+    info: Dict[str, Any] = {"checkpoint": os.path.abspath(path)}
+    run_cfg = None
+    if isinstance(ckpt, dict) and "method" in ckpt and "config" in ckpt and _is_state_dict(ckpt["method"]):
+        run_cfg = ckpt["config"]
+        info["format"] = f"fastmask driver checkpoint ({run_cfg.get('method')}, step {ckpt.get('step')})"
+        sd, used = select_backbone_state(ckpt["method"], prefix)
+    else:
+        if _is_state_dict(ckpt):
+            full = ckpt
+        elif isinstance(ckpt, dict):
+            full = next((ckpt[k] for k in ("teacher", "student", "model", "state_dict", "model_ema", "module")
+                         if k in ckpt and _is_state_dict(ckpt[k])), None)
+            if full is None:
+                raise ValueError(f"{path}: no state dict found (keys: {sorted(ckpt)[:12]})")
+        else:
+            raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(ckpt).__name__}")
+        info["format"] = "state dict"
+        sd, used = select_backbone_state(full, prefix)
+    sd = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in sd.items()}
+    if "masked_embed" in sd and "mask_token" not in sd:  # iBOT's name for the mask token
+        sd["mask_token"] = sd.pop("masked_embed").reshape(1, 1, -1)
+    info["prefix"] = used
+
+    kw = infer_vit_kwargs(sd)
+    heads = num_heads
+    if heads is None and run_cfg is not None:
+        m = run_cfg.get("model", {})
+        mcfg = run_cfg.get("method_cfg", {}) or {}
+        if used.startswith("teacher") and mcfg.get("teacher_num_heads"):
+            heads = int(mcfg["teacher_num_heads"])
+        elif not used.startswith("teacher") and m.get("num_heads"):
+            heads = int(m["num_heads"])
+        elif m.get("arch"):
+            from ..models import VIT_CONFIGS
+
+            base = VIT_CONFIGS.get(re.sub(r"_patch.*$", "", str(m["arch"])), {})
+            if base.get("embed_dim") == kw["embed_dim"]:
+                heads = base["num_heads"]
+    if heads is None:
+        heads = max(1, kw["embed_dim"] // 64)  # the ViT convention (Tiny 3, Small 6, Base 12, Large 16)
+    kw["num_heads"] = int(heads)
+    if arch is not None:
+        from ..models import VIT_CONFIGS
+
+        base = VIT_CONFIGS.get(re.sub(r"_patch.*$", "", arch))
+        if base is None:
+            raise ValueError(f"unknown arch {arch!r}; known: {sorted(VIT_CONFIGS)}")
+        kw.update(base)
+    kw.update(model_kwargs or {})
+    distilled = "dist_token" in sd
+    patch, img = kw.pop("patch_size"), kw.pop("img_size", 224)
+    num_classes = kw.pop("num_classes")
+    model = create_vit(arch or "vit_tiny", patch_size=patch, img_size=img, num_classes=num_classes,
+                       distilled=distilled, **kw)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k != "mask_token"]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the inferred ViT ({kw}): missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}; pass --arch / --model-arg to fix the architecture")
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    info.update(arch=arch or "inferred", num_heads=int(heads), img_size=img, patch_size=patch, num_classes=num_classes,
+                **{k: v for k, v in kw.items() if k in ("embed_dim", "depth")})
+    if isinstance(model, MaskedViTDistilled):
+        info["distilled"] = True
+    return model, info
