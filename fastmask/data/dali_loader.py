@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 
 from . import augment
-from .folder import ImageFolderSplit, ShardPlan, check_image_file, derive_seed, summarize_bad
+from .folder import LoaderBase, ImageFolderSplit, ShardPlan, check_image_file, derive_seed, summarize_bad
 
 _READER = "Reader"
 
@@ -177,7 +177,7 @@ def build_pipeline(files: List[str], labels: List[int], pipeline: str, specs, *,
     return pipe, len(views)
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     backend = "dali"
 
     def __init__(self, split: ImageFolderSplit, pipeline: str, specs, plan: ShardPlan, *,
@@ -194,21 +194,6 @@ class DaliLoader:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         else:
             self.device_id = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.split.num_classes
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.split)
-
-    @property
-    def bad_files(self) -> int:
-        return len(self.split.bad_files)
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

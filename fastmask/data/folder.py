@@ -286,3 +286,26 @@ class ShardPlan:
 
 def summarize_bad(bad: Sequence[Tuple[str, str]]) -> str:
     return ", ".join(f"{os.path.basename(p)} ({r})" for p, r in bad[:5])
+
+
+class LoaderBase:
+    """What both loaders report about their split and shard (``split`` and ``plan`` set by subclasses)."""
+
+    split: "ImageFolderSplit"
+    plan: "ShardPlan"
+
+    @property
+    def num_classes(self) -> int:
+        return self.split.num_classes
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.split)
+
+    @property
+    def bad_files(self) -> int:
+        return len(self.split.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+

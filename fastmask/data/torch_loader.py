@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from . import augment
-from .folder import ImageFolderSplit, ShardPlan, derive_seed, summarize_bad
+from .folder import LoaderBase, ImageFolderSplit, ShardPlan, derive_seed, summarize_bad
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
             yield [(i, self.epoch) for i in batch]
 
 
-class TorchLoader:
+class TorchLoader(LoaderBase):
     backend = "torch"
 
     def __init__(self, split: ImageFolderSplit, pipeline: str, specs, plan: ShardPlan, *,
@@ -106,21 +106,6 @@ class TorchLoader:
             # Workers live as long as the loader (start-up is paid once, not every epoch).
             persistent_workers=num_workers > 0,
         )
-
-    @property
-    def num_classes(self) -> int:
-        return self.split.num_classes
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.split)
-
-    @property
-    def bad_files(self) -> int:
-        return len(self.split.bad_files)
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
     def set_epoch(self, epoch: int) -> None:
         self._sampler.epoch = int(epoch)
