@@ -1,0 +1,181 @@
+"""The contract between the training driver and a training method.
+
+A method is an ``nn.Module`` holding its networks (student, teacher, heads) and its own buffers
+(e.g. DINO's centers), so ``state_dict()`` checkpoints all of it.  The driver owns the loop, the
+optimizer and its schedules, AMP, DDP, checkpoints, logging and evaluation; the method only says
+how one batch turns into a loss.
+
+Protocol (see ``fastmask/train.py`` for the caller):
+
+* class attributes: ``name``; ``Config`` (a dataclass of the method's own options, defaults = the
+  paper's); ``pipeline`` (``"multicrop"`` or ``"supervised"``: which loader the driver builds);
+  ``manual_backward`` (if True, ``training_step`` calls ``state.backward(loss_part)`` itself and
+  returns the total loss detached, for logging only).
+* ``__init__(cfg, num_classes)``: build networks from ``cfg.model`` and options from ``cfg.method``.
+* ``training_step(batch, state) -> (loss, metrics)``: ``batch`` is what the loader yields, already on
+  the device: ``(crops: list[Tensor], labels)`` for multicrop, ``(images, labels)`` for supervised.
+* ``cancel_last_layer_grads(state)``: called after backward (and after gradient unscaling/clipping)
+  while ``state.freeze_last_layer`` is True, i.e. during the first ``optim.freeze_last_layer_epochs``.
+* ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
+* ``eval_backbone()``: the module used for k-NN evaluation and attention maps; its
+  ``forward_features(x, return_cls_attn=...)`` returns ``fastmask.models.ViTFeatures``.
+* ``param_groups(weight_decay)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
+  driver's weight-decay schedule; the others keep weight decay 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["Method", "StepState", "build_backbone", "ema_update_", "split_decay_params"]
+
+
+@dataclass
+class StepState:
+    """Everything a method may need to know about the current optimisation step."""
+
+    epoch: int
+    step: int  # global step, 0-based, counted over the whole run (continues across resumes)
+    steps_per_epoch: int
+    total_steps: int
+    progress: float  # step / total_steps, in [0, 1)
+    lr: float
+    wd: float
+    teacher_momentum: float
+    backward: Callable[[torch.Tensor], None]  # AMP-aware backward (scales the loss when needed)
+    device: torch.device
+    # Mask randomness: seeded from (seed, step, rank), so a resumed run draws the same masks.
+    generator: Optional[torch.Generator] = None
+    amp_dtype: Optional[torch.dtype] = None
+    freeze_last_layer: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def epoch_float(self) -> float:
+        """Fractional epoch, e.g. for per-iteration schedules defined in epochs."""
+        return self.step / max(1, self.steps_per_epoch)
+
+
+def split_decay_params(named_params, skip_names=()) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """Split parameters into (decayed, not decayed).
+
+    Biases, norm weights (every 1-D parameter), tokens and positional embeddings get no weight
+    decay, as in DINO/iBOT/DeiT.
+    """
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if (p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf
+                or any(s in name for s in skip_names)):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return decay, no_decay
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher = momentum * teacher + (1 - momentum) * student, for matching parameters.
+
+    Parameters are matched by name so a student with extra modules (e.g. a DDP wrapper's
+    ``module.`` prefix is stripped) still works; buffers are copied as they are.
+    """
+    s_params = {k.removeprefix("module."): v for k, v in student.named_parameters()}
+    t_list, s_list = [], []
+    for name, t in teacher.named_parameters():
+        s = s_params.get(name.removeprefix("module."))
+        if s is None:
+            continue
+        t_list.append(t.data)
+        s_list.append(s.data.to(t.dtype))
+    if t_list:
+        torch._foreach_mul_(t_list, momentum)
+        torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
+
+
+class Method(nn.Module):
+    """Base class of every training method (see the module docstring for the protocol)."""
+
+    name: str = "base"
+    Config: type = None  # a @dataclass of the method's options
+    pipeline: str = "multicrop"  # or "supervised"
+    manual_backward: bool = False
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.mcfg = cfg.method  # instance of type(self).Config
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ValueError for option combinations that cannot work; called before any training."""
+
+    def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def on_after_optimizer_step(self, state: StepState) -> None:
+        """Called once per step after optimizer.step() (e.g. EMA teacher update)."""
+
+    def cancel_last_layer_grads(self, state: StepState) -> None:
+        """Zero the gradients of the last head layer while ``state.freeze_last_layer`` is True."""
+
+    def eval_backbone(self) -> nn.Module:
+        """The ViT used for k-NN evaluation and attention maps (default: the student's backbone)."""
+        student = getattr(self, "student", None)
+        if student is None:
+            raise NotImplementedError(f"{type(self).__name__} has no `student`; override eval_backbone()")
+        student = getattr(student, "module", student)  # unwrap DDP
+        return getattr(student, "backbone", student)  # unwrap MultiCropWrapper
+
+    def trainable_modules(self) -> Dict[str, nn.Module]:
+        """Modules whose parameters the optimizer updates and DDP synchronises (default: ``student``)."""
+        student = getattr(self, "student", None)
+        if student is None:
+            return {"": self}
+        return {"student": student}
+
+    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+        named = []
+        for prefix, module in self.trainable_modules().items():
+            for n, p in module.named_parameters():
+                named.append((f"{prefix}.{n}" if prefix else n, p))
+        decay, no_decay = split_decay_params(named)
+        groups = []
+        if decay:
+            groups.append({"params": decay, "weight_decay": weight_decay, "apply_wd": True})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "apply_wd": False})
+        return groups
+
+    # ------------------------------------------------------------------ helpers
+    def extra_repr(self) -> str:
+        if self.mcfg is not None and dataclasses.is_dataclass(self.mcfg):
+            return ", ".join(f"{f.name}={getattr(self.mcfg, f.name)!r}" for f in dataclasses.fields(self.mcfg))
+        return ""
+
+
+def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: int = 0, **overrides):
+    """The ViT described by ``cfg.model`` (a ``fastmask.models.MaskedViT``), loaded from
+    ``cfg.model.checkpoint`` when one is given.  ``drop_path_rate`` overrides the config's
+    (e.g. 0 for an EMA teacher)."""
+    from ..models import create_vit
+
+    m = cfg.model
+    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads") if getattr(m, k, 0)}
+    kwargs.update(overrides)
+    model = create_vit(m.arch, patch_size=m.patch_size, img_size=m.img_size, num_classes=num_classes,
+                       drop_path_rate=m.drop_path_rate if drop_path_rate is None else drop_path_rate, **kwargs)
+    if getattr(m, "checkpoint", None):
+        from ..models import load_checkpoint
+
+        load_checkpoint(model, m.checkpoint)
+    return model

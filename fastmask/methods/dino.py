@@ -1,0 +1,221 @@
+"""``dino``: DINO self-distillation with masking of the student's global views.
+
+DINO (Caron et al., 2021): a student ViT + projection head learns to match the centred,
+sharpened output of an EMA teacher on other crops of the same image.  Teacher: the two global
+crops; student: all crops (2 global + M local), run per resolution through ``MultiCropWrapper``.
+
+Masking options (``student_mask``):
+
+* ``random`` — "Rethinking Random Masking in Self-Distillation on ViT" (Seong & Han, 2025): random
+  masking of the student's two *global* views only; the local views and the teacher's views stay
+  clean, so the teacher's targets are never degraded.  ``student_mask_mode`` picks how hidden
+  patches are removed: ``mask_token`` (replaced by the learnable mask token before the positional
+  embedding, ``ops.apply_mask_token``) or ``drop`` (removed from the sequence, ``ids_keep``: the
+  student then runs on fewer tokens, which also saves compute).
+* ``attmask_high`` / ``attmask_low`` / ``attmask_hint`` — AttMask ("What to Hide from Your Students",
+  Kakogeorgiou et al., ECCV 2022) applied to DINO: the teacher's last-layer CLS attention of each
+  global view (returned by ``fastmask.ops.attention`` during the teacher's forward — no extra
+  forward) chooses which tokens the student does not see; per-sample ratio r ~ U(0.1, 0.5), each
+  image masked with probability 0.5, hints reveal a few of the most attended tokens.
+* ``none`` — plain DINO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .base import Method, StepState, build_backbone, ema_update_
+from .losses import DINOLoss, teacher_temperature
+
+__all__ = ["DINO", "DINOConfig", "METHOD", "MASK_CHOICES", "MASK_MODES", "build_student_masks", "mask_to_ids_keep"]
+
+MASK_CHOICES = ("none", "random", "attmask_high", "attmask_low", "attmask_hint")
+MASK_MODES = ("mask_token", "drop")
+
+
+@dataclass
+class DINOConfig:
+    # head (DINO's ViT recipe)
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    norm_last_layer: bool = True
+    # loss
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    num_global_crops: int = 2
+    # masking of the student's global views
+    student_mask: str = "random"  # none | random | attmask_high | attmask_low | attmask_hint
+    student_mask_mode: str = "mask_token"  # mask_token | drop (drop: random masking only)
+    student_mask_ratio: float = 0.3  # random masking: fraction of patches hidden in each global view
+    attmask_ratio: Tuple[float, float] = (0.1, 0.5)  # AttMask: per-sample ratio ~ U(a, b)
+    attmask_prob: float = 0.5  # AttMask: probability that an image is masked at all
+    attmask_show_max: float = 0.1  # AttMask-Hint: reveal among the top show_max fraction
+    attmask_show_ratio: Tuple[float, float] = (0.01, 0.05)  # AttMask-Hint: fraction revealed ~ U(a, b)
+
+    def __post_init__(self):
+        if self.student_mask not in MASK_CHOICES:
+            raise ValueError(f"student_mask must be one of {MASK_CHOICES}, got {self.student_mask!r}")
+        if self.student_mask_mode not in MASK_MODES:
+            raise ValueError(f"student_mask_mode must be one of {MASK_MODES}, got {self.student_mask_mode!r}")
+        if not 0.0 <= self.student_mask_ratio < 1.0:
+            raise ValueError(f"student_mask_ratio must be in [0, 1), got {self.student_mask_ratio}")
+        if self.student_mask_mode == "drop" and self.student_mask.startswith("attmask"):
+            raise ValueError("student_mask_mode=drop needs a fixed number of kept tokens per image; "
+                             "use it with student_mask=random (AttMask uses per-sample ratios: mask_token)")
+        lo, hi = self.attmask_ratio
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"attmask_ratio must satisfy 0 <= a <= b < 1, got {self.attmask_ratio}")
+        if not 0.0 <= self.attmask_prob <= 1.0:
+            raise ValueError(f"attmask_prob must be in [0, 1], got {self.attmask_prob}")
+        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 <= self.center_momentum < 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1), got {self.center_momentum}")
+        if self.num_global_crops < 1:
+            raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
+        if self.warmup_teacher_temp_epochs < 0:
+            raise ValueError(f"warmup_teacher_temp_epochs must be >= 0, got {self.warmup_teacher_temp_epochs}")
+
+
+def mask_to_ids_keep(mask: torch.Tensor) -> torch.Tensor:
+    """Kept patch indices [B, K] (ascending) of a bool mask [B, N] with the same count per row.
+
+    A stable sort of the mask puts the kept (False) positions first in their original order, with
+    no host synchronisation.
+    """
+    counts = (~mask).sum(dim=1)
+    keep = int(counts[0]) if mask.shape[0] else 0
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+    return order[:, :keep]
+
+
+def _policy_kwargs(mcfg, kind: str):
+    if kind == "random":
+        return dict(ratio=mcfg.student_mask_ratio)
+    mode = kind.split("_", 1)[1]
+    kw = dict(ratio=tuple(mcfg.attmask_ratio), mask_prob=mcfg.attmask_prob)
+    if mode == "hint":
+        kw.update(show_max=mcfg.attmask_show_max, show_ratio=tuple(mcfg.attmask_show_ratio))
+    return kw
+
+
+def make_policy(name: str, **kw):
+    """``fastmask.masking.build_mask_policy`` (imported lazily: DINO without masks never needs it)."""
+    from ..masking import build_mask_policy
+
+    return build_mask_policy(name, **kw)
+
+
+def build_student_masks(policy, crops: List[torch.Tensor], backbone, n_global: int, *,
+                        cls_attn: Optional[List[torch.Tensor]] = None,
+                        generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+    """One bool mask [B, N] per global crop (True = hidden), from ``policy``; with ``cls_attn`` (the
+    teacher's map per global crop) the policy ranks tokens by it (AttMask)."""
+    masks = []
+    for i in range(n_global):
+        crop = crops[i]
+        grid = backbone.grid_for(tuple(crop.shape[-2:]))
+        masks.append(policy(crop.shape[0], grid, cls_attn=None if cls_attn is None else cls_attn[i],
+                            generator=generator, device=crop.device))
+    return masks
+
+
+class DINO(Method):
+    name = "dino"
+    Config = DINOConfig
+    pipeline = "multicrop"
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__(cfg, num_classes)
+        from ..models import DINOHead, MultiCropWrapper
+
+        m = self.mcfg
+        student_backbone = build_backbone(cfg)
+        teacher_backbone = build_backbone(cfg, drop_path_rate=0.0)
+        dim = student_backbone.embed_dim
+
+        def head():
+            return DINOHead(dim, m.out_dim, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+                            hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
+
+        self.student = MultiCropWrapper(student_backbone, head())
+        self.teacher = MultiCropWrapper(teacher_backbone, head())
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.loss_fn = DINOLoss(m.out_dim, n_global=m.num_global_crops, student_temp=m.student_temp,
+                                center_momentum=m.center_momentum)
+        self.policy = None
+        if m.student_mask == "random":
+            self.policy = make_policy("random", **_policy_kwargs(m, "random"))
+        elif m.student_mask.startswith("attmask"):
+            self.policy = make_policy(m.student_mask, **_policy_kwargs(m, m.student_mask))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        m = cfg.method
+        local = getattr(cfg.data, "local_size", None)
+        if local is not None and getattr(cfg.data, "num_local_crops", 0) and local % cfg.model.patch_size:
+            raise ValueError(f"data.local_size={local} is not divisible by model.patch_size={cfg.model.patch_size}")
+        n_global = getattr(cfg.data, "num_global_crops", None)
+        if n_global is not None and n_global != m.num_global_crops:
+            raise ValueError(f"method.num_global_crops={m.num_global_crops} but data.num_global_crops={n_global}")
+
+    def teacher_temp(self, state: StepState) -> float:
+        m = self.mcfg
+        return teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs)
+
+    def training_step(self, batch, state: StepState):
+        crops, _ = batch
+        m = self.mcfg
+        n_global = m.num_global_crops
+        if len(crops) < n_global:
+            raise ValueError(f"dino needs at least {n_global} crops per image, the loader gave {len(crops)}")
+        attmask = m.student_mask.startswith("attmask")
+        with torch.no_grad():
+            # The teacher sees only the clean global views; with AttMask its last block also hands
+            # back the CLS map, which then decides what the student may not see.
+            t_out = self.teacher(crops[:n_global], return_cls_attn=attmask)
+        masks = ids_keep = None
+        mask_frac = None
+        if self.policy is not None:
+            backbone = self.student.backbone
+            global_masks = build_student_masks(self.policy, crops, backbone, n_global,
+                                               cls_attn=t_out.cls_attn if attmask else None,
+                                               generator=state.generator)
+            mask_frac = torch.stack([gm.float().mean() for gm in global_masks]).mean()
+            if m.student_mask_mode == "drop":
+                ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * (len(crops) - n_global)
+            else:
+                masks = list(global_masks) + [None] * (len(crops) - n_global)
+        s_out = self.student(list(crops), masks=masks, ids_keep=ids_keep)
+        temp = self.teacher_temp(state)
+        loss = self.loss_fn(s_out.cls, t_out.cls, temp)
+        metrics = {"teacher_temp": temp}
+        if mask_frac is not None:
+            metrics["mask_ratio"] = mask_frac
+        return loss, metrics
+
+    def cancel_last_layer_grads(self, state: StepState) -> None:
+        for p in self.student.head.last_layer.parameters():
+            p.grad = None
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, state: StepState) -> None:
+        ema_update_(self.teacher, self.student, state.teacher_momentum)
+
+    def eval_backbone(self) -> nn.Module:
+        # DINO reports the teacher: the EMA of the student is the better feature extractor.
+        return self.teacher.backbone
+
+
+METHOD = DINO

@@ -1,0 +1,177 @@
+"""``ibot``: iBOT (Zhou et al., ICLR 2022) with block, random or AttMask masking.
+
+The student sees the two global views with some patches replaced by the mask token (plus the
+clean local views); the EMA teacher sees the clean global views.  Loss = DINO's loss on the CLS
+token over cross-view pairs + the masked-image-modelling loss on the patch tokens of the same view
+at the masked positions, both through one shared ``IBOTHead`` with separate teacher centers.
+
+Masking (``mask``): ``block`` (iBOT's default, BEiT-style blocks), ``random``, or AttMask ("What to
+Hide from Your Students", ECCV 2022) ``attmask_high`` / ``attmask_low`` / ``attmask_hint``: the
+tokens are ranked by the teacher's last-layer CLS attention on the same global view.  The map comes
+out of ``fastmask.ops.attention`` inside the teacher's forward (``return_cls_attn``): the teacher runs
+first and there is no extra forward.  Every policy draws a per-sample ratio r ~ U(mask_ratio) and
+masks each image with probability ``mask_prob`` (0.5).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from .base import Method, StepState, build_backbone, ema_update_
+from .dino import build_student_masks, make_policy
+from .losses import IBOTLoss, teacher_temperature
+
+__all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES"]
+
+MASK_POLICIES = ("block", "random", "attmask_high", "attmask_low", "attmask_hint")
+
+
+@dataclass
+class IBOTConfig:
+    # shared head (iBOT ViT-S/16 recipe)
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    shared_head: bool = True
+    norm_last_layer: bool = False
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    # loss
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_patch_temp: float = 0.04
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    center_momentum_patch: float = 0.9
+    lambda_cls: float = 1.0
+    lambda_patch: float = 1.0
+    num_global_crops: int = 2
+    # masking of the student's global views
+    mask: str = "block"  # block | random | attmask_high | attmask_low | attmask_hint
+    mask_ratio: Tuple[float, float] = (0.1, 0.5)  # per-sample ratio ~ U(a, b) (iBOT: 0.3 +- 0.2)
+    mask_prob: float = 0.5  # probability that an image is masked at all
+    mask_start_epoch: int = 0  # no masking before this epoch (iBOT's pred_start_epoch)
+    block_min_patches: int = 16  # block-wise masking: smallest block
+    block_aspect: Tuple[float, float] = (0.3, 1 / 0.3)
+    show_max: float = 0.1  # AttMask-Hint
+    show_ratio: Tuple[float, float] = (0.01, 0.05)
+
+    def __post_init__(self):
+        if self.mask not in MASK_POLICIES:
+            raise ValueError(f"mask must be one of {MASK_POLICIES}, got {self.mask!r}")
+        lo, hi = self.mask_ratio
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"mask_ratio must satisfy 0 <= a <= b < 1, got {self.mask_ratio}")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
+        if self.shared_head and self.patch_out_dim != self.out_dim:
+            raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {self.patch_out_dim} != {self.out_dim}")
+        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp",
+                     "teacher_patch_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_global_crops < 1:
+            raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
+
+
+class IBOT(Method):
+    name = "ibot"
+    Config = IBOTConfig
+    pipeline = "multicrop"
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__(cfg, num_classes)
+        from ..models import IBOTHead, MultiCropWrapper
+
+        m = self.mcfg
+        student_backbone = build_backbone(cfg)
+        teacher_backbone = build_backbone(cfg, drop_path_rate=0.0)
+        dim = student_backbone.embed_dim
+
+        def head():
+            return IBOTHead(dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head,
+                            norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+                            hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
+
+        self.student = MultiCropWrapper(student_backbone, head())
+        self.teacher = MultiCropWrapper(teacher_backbone, head())
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
+                                student_temp=m.student_temp, center_momentum=m.center_momentum,
+                                center_momentum_patch=m.center_momentum_patch,
+                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch)
+        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob)
+        if m.mask == "block":
+            kw.update(min_num_patches=m.block_min_patches, aspect_ratio=tuple(m.block_aspect))
+        elif m.mask == "attmask_hint":
+            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio))
+        self.policy = make_policy(m.mask, **kw)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        local = getattr(cfg.data, "local_size", None)
+        if local is not None and getattr(cfg.data, "num_local_crops", 0) and local % cfg.model.patch_size:
+            raise ValueError(f"data.local_size={local} is not divisible by model.patch_size={cfg.model.patch_size}")
+
+    def temperatures(self, state: StepState):
+        m = self.mcfg
+        return (teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs),
+                teacher_temperature(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
+                                    m.warmup_teacher_temp_epochs))
+
+    def training_step(self, batch, state: StepState):
+        crops, _ = batch
+        m = self.mcfg
+        n_global = m.num_global_crops
+        if len(crops) < n_global:
+            raise ValueError(f"ibot needs at least {n_global} crops per image, the loader gave {len(crops)}")
+        globals_, locals_ = list(crops[:n_global]), list(crops[n_global:])
+        attmask = m.mask.startswith("attmask")
+        with torch.no_grad():
+            # Teacher first, on the clean global views; its last block's CLS map (AttMask) comes
+            # with this same forward.
+            t_out = self.teacher(globals_, return_patch=True, return_cls_attn=attmask)
+        backbone = self.student.backbone
+        if state.epoch >= m.mask_start_epoch:
+            masks = build_student_masks(self.policy, globals_, backbone, n_global,
+                                        cls_attn=t_out.cls_attn if attmask else None, generator=state.generator)
+        else:
+            # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
+            masks = [torch.zeros(g.shape[0], math.prod(backbone.grid_for(tuple(g.shape[-2:]))),
+                                 dtype=torch.bool, device=g.device) for g in globals_]
+        s_glob = self.student(globals_, masks=masks, return_patch=True)
+        s_cls = s_glob.cls
+        if locals_:
+            # Local views: clean, CLS only (no patch loss on them, as in iBOT).
+            s_cls = torch.cat([s_cls, self.student(locals_).cls])
+        temp, patch_temp = self.temperatures(state)
+        loss, parts = self.loss_fn(s_cls, torch.cat(s_glob.patch), t_out.cls, torch.cat(t_out.patch),
+                                   torch.cat(masks), temp, patch_temp)
+        parts["mask_ratio"] = torch.cat(masks).float().mean()
+        parts["teacher_temp"] = temp
+        return loss, parts
+
+    def cancel_last_layer_grads(self, state: StepState) -> None:
+        head = self.student.head
+        for layer in (head.last_layer, getattr(head, "last_layer2", None)):
+            if layer is not None:
+                for p in layer.parameters():
+                    p.grad = None
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, state: StepState) -> None:
+        ema_update_(self.teacher, self.student, state.teacher_momentum)
+
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher.backbone
+
+
+METHOD = IBOT
