@@ -352,8 +352,8 @@ def cls_attention_mask(
         if show_ratio is None:
             raise ValueError("mode='hint' needs show_ratio (e.g. 0.05, or a [B] tensor drawn from U(0.01, 0.05))")
         _check_ratio("show_ratio", show_ratio, B, device=cls_attn.device)
-        max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
         if _value_checks_on() or not isinstance(show_ratio, torch.Tensor):
+            max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
             if int(max_shown * N) > int(show_max * N):
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
     seed = draw_seed(generator, seed)
