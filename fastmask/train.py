@@ -775,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value pairs may come before or after options
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")

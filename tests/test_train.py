@@ -115,12 +115,30 @@ def test_bad_recipe_and_method(tmp_path):
         load_config(method="dino", config="ibot_tiny_builtin")
 
 
+@pytest.mark.parametrize("recipe", ["dino_tiny_builtin", "ibot_tiny_builtin"])
+def test_self_distillation_config_checks(recipe):
+    # Both EMA teacher-student methods validate the multi-crop geometry before any training.
+    with pytest.raises(ConfigError, match="local_size=12 is not divisible by model.patch_size=8"):
+        load_config(config=recipe, overrides=["data.local_size=12"])
+    with pytest.raises(ConfigError, match="loaders emit 2 global views"):
+        load_config(config=recipe, overrides=["method.num_global_crops=3"])
+
+
 def test_cli_bad_config_exits_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["--method", "dino", f"output_dir={out}", "optim.weight_decay_ends=0.1"])
     assert rc == 2
     assert "unknown key optim.weight_decay_ends" in capsys.readouterr().err
     assert not out.exists()  # nothing was started
+
+
+def test_cli_overrides_before_and_after_options(tmp_path, capsys):
+    # key=value pairs on both sides of an option are all read (argparse alone would reject the second run)
+    out = tmp_path / "run"
+    rc = main([f"output_dir={out}", "--data", "builtin:shapes", "epochs=2", "optim.lrr=1"])
+    assert rc == 2
+    assert "unknown key optim.lrr" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_config_round_trip(tmp_path):

@@ -92,6 +92,9 @@ class EvalSpec:
         return int(round(self.size / self.crop_pct))
 
 
+NUM_GLOBAL_CROPS = 2  # DINO's two global views; the multi-crop loaders always emit them first
+
+
 def multicrop_specs(
     global_size: int,
     local_size: int,

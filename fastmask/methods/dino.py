@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-from torch import nn
 
-from .base import Method, StepState, build_backbone, ema_update_
+from .base import SelfDistillation, StepState
 from .losses import DINOLoss, teacher_temperature
 
 __all__ = ["DINO", "DINOConfig", "METHOD", "MASK_CHOICES", "MASK_MODES", "build_student_masks", "mask_to_ids_keep"]
@@ -115,60 +114,36 @@ def make_policy(name: str, **kw):
     return build_mask_policy(name, **kw)
 
 
-def build_student_masks(policy, crops: List[torch.Tensor], backbone, n_global: int, *,
+def build_student_masks(policy, global_crops: List[torch.Tensor], backbone, *,
                         cls_attn: Optional[List[torch.Tensor]] = None,
                         generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
     """One bool mask [B, N] per global crop (True = hidden), from ``policy``; with ``cls_attn`` (the
     teacher's map per global crop) the policy ranks tokens by it (AttMask)."""
     masks = []
-    for i in range(n_global):
-        crop = crops[i]
+    for i, crop in enumerate(global_crops):
         grid = backbone.grid_for(tuple(crop.shape[-2:]))
         masks.append(policy(crop.shape[0], grid, cls_attn=None if cls_attn is None else cls_attn[i],
                             generator=generator, device=crop.device))
     return masks
 
 
-class DINO(Method):
+class DINO(SelfDistillation):
     name = "dino"
     Config = DINOConfig
-    pipeline = "multicrop"
 
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
-        from ..models import DINOHead, MultiCropWrapper
+        from ..models import DINOHead
 
         m = self.mcfg
-        student_backbone = build_backbone(cfg)
-        teacher_backbone = build_backbone(cfg, drop_path_rate=0.0)
-        dim = student_backbone.embed_dim
-
-        def head():
-            return DINOHead(dim, m.out_dim, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
-                            hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
-
-        self.student = MultiCropWrapper(student_backbone, head())
-        self.teacher = MultiCropWrapper(teacher_backbone, head())
-        self.teacher.load_state_dict(self.student.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.build_student_teacher(cfg, lambda dim: DINOHead(
+            dim, m.out_dim, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+            hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim))
         self.loss_fn = DINOLoss(m.out_dim, n_global=m.num_global_crops, student_temp=m.student_temp,
                                 center_momentum=m.center_momentum)
         self.policy = None
-        if m.student_mask == "random":
-            self.policy = make_policy("random", **_policy_kwargs(m, "random"))
-        elif m.student_mask.startswith("attmask"):
+        if m.student_mask != "none":
             self.policy = make_policy(m.student_mask, **_policy_kwargs(m, m.student_mask))
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        m = cfg.method
-        local = getattr(cfg.data, "local_size", None)
-        if local is not None and getattr(cfg.data, "num_local_crops", 0) and local % cfg.model.patch_size:
-            raise ValueError(f"data.local_size={local} is not divisible by model.patch_size={cfg.model.patch_size}")
-        n_global = getattr(cfg.data, "num_global_crops", None)
-        if n_global is not None and n_global != m.num_global_crops:
-            raise ValueError(f"method.num_global_crops={m.num_global_crops} but data.num_global_crops={n_global}")
 
     def teacher_temp(self, state: StepState) -> float:
         m = self.mcfg
@@ -177,45 +152,30 @@ class DINO(Method):
     def training_step(self, batch, state: StepState):
         crops, _ = batch
         m = self.mcfg
-        n_global = m.num_global_crops
-        if len(crops) < n_global:
-            raise ValueError(f"dino needs at least {n_global} crops per image, the loader gave {len(crops)}")
+        globals_, locals_ = self.split_crops(crops)
         attmask = m.student_mask.startswith("attmask")
         with torch.no_grad():
             # The teacher sees only the clean global views; with AttMask its last block also hands
             # back the CLS map, which then decides what the student may not see.
-            t_out = self.teacher(crops[:n_global], return_cls_attn=attmask)
+            t_out = self.teacher(globals_, return_cls_attn=attmask)
         masks = ids_keep = None
         mask_frac = None
         if self.policy is not None:
-            backbone = self.student.backbone
-            global_masks = build_student_masks(self.policy, crops, backbone, n_global,
+            global_masks = build_student_masks(self.policy, globals_, self.student.backbone,
                                                cls_attn=t_out.cls_attn if attmask else None,
                                                generator=state.generator)
             mask_frac = torch.stack([gm.float().mean() for gm in global_masks]).mean()
             if m.student_mask_mode == "drop":
-                ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * (len(crops) - n_global)
+                ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * len(locals_)
             else:
-                masks = list(global_masks) + [None] * (len(crops) - n_global)
-        s_out = self.student(list(crops), masks=masks, ids_keep=ids_keep)
+                masks = list(global_masks) + [None] * len(locals_)
+        s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep)
         temp = self.teacher_temp(state)
         loss = self.loss_fn(s_out.cls, t_out.cls, temp)
         metrics = {"teacher_temp": temp}
         if mask_frac is not None:
             metrics["mask_ratio"] = mask_frac
         return loss, metrics
-
-    def cancel_last_layer_grads(self, state: StepState) -> None:
-        for p in self.student.head.last_layer.parameters():
-            p.grad = None
-
-    @torch.no_grad()
-    def on_after_optimizer_step(self, state: StepState) -> None:
-        ema_update_(self.teacher, self.student, state.teacher_momentum)
-
-    def eval_backbone(self) -> nn.Module:
-        # DINO reports the teacher: the EMA of the student is the better feature extractor.
-        return self.teacher.backbone
 
 
 METHOD = DINO

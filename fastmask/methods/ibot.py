@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
-from torch import nn
 
-from .base import Method, StepState, build_backbone, ema_update_
+from .base import SelfDistillation, StepState
 from .dino import build_student_masks, make_policy
 from .losses import IBOTLoss, teacher_temperature
 
@@ -80,30 +79,18 @@ class IBOTConfig:
             raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
 
 
-class IBOT(Method):
+class IBOT(SelfDistillation):
     name = "ibot"
     Config = IBOTConfig
-    pipeline = "multicrop"
 
     def __init__(self, cfg, num_classes: int):
         super().__init__(cfg, num_classes)
-        from ..models import IBOTHead, MultiCropWrapper
+        from ..models import IBOTHead
 
         m = self.mcfg
-        student_backbone = build_backbone(cfg)
-        teacher_backbone = build_backbone(cfg, drop_path_rate=0.0)
-        dim = student_backbone.embed_dim
-
-        def head():
-            return IBOTHead(dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head,
-                            norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
-                            hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
-
-        self.student = MultiCropWrapper(student_backbone, head())
-        self.teacher = MultiCropWrapper(teacher_backbone, head())
-        self.teacher.load_state_dict(self.student.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.build_student_teacher(cfg, lambda dim: IBOTHead(
+            dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head, norm_last_layer=m.norm_last_layer,
+            nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim))
         self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
                                 student_temp=m.student_temp, center_momentum=m.center_momentum,
                                 center_momentum_patch=m.center_momentum_patch,
@@ -115,12 +102,6 @@ class IBOT(Method):
             kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio))
         self.policy = make_policy(m.mask, **kw)
 
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        local = getattr(cfg.data, "local_size", None)
-        if local is not None and getattr(cfg.data, "num_local_crops", 0) and local % cfg.model.patch_size:
-            raise ValueError(f"data.local_size={local} is not divisible by model.patch_size={cfg.model.patch_size}")
-
     def temperatures(self, state: StepState):
         m = self.mcfg
         return (teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs),
@@ -130,10 +111,7 @@ class IBOT(Method):
     def training_step(self, batch, state: StepState):
         crops, _ = batch
         m = self.mcfg
-        n_global = m.num_global_crops
-        if len(crops) < n_global:
-            raise ValueError(f"ibot needs at least {n_global} crops per image, the loader gave {len(crops)}")
-        globals_, locals_ = list(crops[:n_global]), list(crops[n_global:])
+        globals_, locals_ = self.split_crops(crops)
         attmask = m.mask.startswith("attmask")
         with torch.no_grad():
             # Teacher first, on the clean global views; its last block's CLS map (AttMask) comes
@@ -141,7 +119,7 @@ class IBOT(Method):
             t_out = self.teacher(globals_, return_patch=True, return_cls_attn=attmask)
         backbone = self.student.backbone
         if state.epoch >= m.mask_start_epoch:
-            masks = build_student_masks(self.policy, globals_, backbone, n_global,
+            masks = build_student_masks(self.policy, globals_, backbone,
                                         cls_attn=t_out.cls_attn if attmask else None, generator=state.generator)
         else:
             # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
@@ -158,20 +136,6 @@ class IBOT(Method):
         parts["mask_ratio"] = torch.cat(masks).float().mean()
         parts["teacher_temp"] = temp
         return loss, parts
-
-    def cancel_last_layer_grads(self, state: StepState) -> None:
-        head = self.student.head
-        for layer in (head.last_layer, getattr(head, "last_layer2", None)):
-            if layer is not None:
-                for p in layer.parameters():
-                    p.grad = None
-
-    @torch.no_grad()
-    def on_after_optimizer_step(self, state: StepState) -> None:
-        ema_update_(self.teacher, self.student, state.teacher_momentum)
-
-    def eval_backbone(self) -> nn.Module:
-        return self.teacher.backbone
 
 
 METHOD = IBOT
