@@ -36,9 +36,10 @@ def _order_keys(x, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr):
         bits = x.to(tl.int32, bitcast=True)
         bits = tl.where((bits << 1) == 0, 0, bits)
         sign = bits >> 31  # arithmetic shift: all ones for negatives, zero otherwise
-        ukey = (bits ^ (sign | tl.full(bits.shape, -2147483648, tl.int32))).to(tl.uint32, bitcast=True)
+        key = bits ^ (sign | tl.full(bits.shape, -2147483648, tl.int32))
         if LARGEST:
-            ukey = ~ukey
+            key = ~key  # on the int32 pattern: Triton's interpreter cannot invert a uint32 (3.8)
+        ukey = key.to(tl.uint32, bitcast=True)
     else:
         bits = x.to(tl.int16, bitcast=True).to(tl.int32)  # sign-extended half/bfloat16 pattern
         bits = tl.where((bits & 0x7FFF) == 0, 0, bits)

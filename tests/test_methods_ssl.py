@@ -261,6 +261,7 @@ def _train_steps(method, batch, steps, lr=3e-3):
     ("dino", ["method.student_mask=random", "method.student_mask_mode=mask_token"]),
     ("dino", ["method.student_mask=random", "method.student_mask_mode=drop"]),
     ("dino", ["method.student_mask=attmask_high"]),
+    ("dino", ["method.student_mask=none", "method.head_use_bn=false", "method.teacher_temp=0.07"]),
     ("ibot", ["method.mask=block", "method.block_min_patches=2", "method.patch_out_dim=64"]),
     ("ibot", ["method.mask=attmask_hint", "method.patch_out_dim=64"]),
 ])

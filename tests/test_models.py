@@ -336,6 +336,32 @@ def test_checkpoint_dino_style_teacher_student_prefixes(tmp_path):
         load_checkpoint(tiny_vit(), tmp_path / "dino.pth", key="nope")
 
 
+def test_checkpoint_of_the_training_driver(tmp_path):
+    # python -m fastmask.train saves {"config", "method": Method.state_dict(), ...}: DINO/iBOT keep the
+    # ViT under student.backbone. / teacher.backbone., MaskSub/MaskedKD under student. with a classifier.
+    torch.manual_seed(0)
+    student, teacher = tiny_vit(), tiny_vit()
+    head = {"head.mlp.0.weight": torch.randn(8, DIM)}
+    method_sd = {**{f"student.backbone.{k}": v for k, v in student.state_dict().items()},
+                 **{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()},
+                 **{f"student.{k}": v for k, v in head.items()}, "loss_fn.center": torch.zeros(1, 16)}
+    torch.save({"config": {"method": "dino"}, "method": method_sd, "step": 3}, tmp_path / "dino.pt")
+    for key, src in ((None, student), ("teacher", teacher)):
+        dst = tiny_vit()
+        report = load_checkpoint(dst, tmp_path / "dino.pt", key=key)
+        assert _same_weights(src, dst)
+        assert report.source_key == f"method[{'teacher' if key else 'student'}.backbone.]"
+
+    classifier = tiny_vit(num_classes=5)
+    torch.save({"config": {"method": "masksub"}, "method": {f"student.{k}": v for k, v in classifier.state_dict().items()}},
+               tmp_path / "masksub.pt")
+    dst = tiny_vit()  # no classifier: the checkpoint's head is skipped and reported
+    report = load_checkpoint(dst, tmp_path / "masksub.pt")
+    assert report.ignored_keys == ["head.bias", "head.weight"] and _same_weights(dst, classifier)
+    with pytest.raises(ValueError, match="no ViT weights"):
+        load_checkpoint(tiny_vit(), tmp_path / "masksub.pt", key="teacher")
+
+
 def test_checkpoint_ibot_masked_embed_and_pos_embed_resampling(tmp_path):
     src = create_vit("vit_tiny", patch_size=PATCH, img_size=IMG, embed_dim=DIM, depth=DEPTH, num_heads=HEADS)
     sd = {k: v for k, v in src.state_dict().items() if k != "mask_token"}
@@ -526,13 +552,6 @@ def test_multicrop_wrapper_equals_per_crop_calls():
         MultiCropWrapper(torch.nn.Linear(2, 2), dino.head)
 
 
-def _has_kernels():
-    import importlib.util
-
-    return all(importlib.util.find_spec(f"fastmask.kernels.{m}") is not None for m in ("cls_attention", "token_gather"))
-
-
-@pytest.mark.skipif(not _has_kernels(), reason="the Triton kernels (cls_attention, token_gather) are not in this tree yet")
 def test_triton_backend_matches_torch_reference_end_to_end(monkeypatch):
     model = tiny_vit(embed_dim=64, num_heads=2)  # head_dim 32
     g = torch.Generator().manual_seed(8)

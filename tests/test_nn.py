@@ -1,6 +1,5 @@
 """fastmask.nn.Attention against timm's Attention, the CLS map against explicit softmax, conversion."""
 import copy
-import importlib.util
 
 import pytest
 import timm
@@ -217,10 +216,6 @@ def test_bad_inputs_raise_clear_errors():
         convert_attention("not a module")
 
 
-HAS_KERNEL = importlib.util.find_spec("fastmask.kernels.cls_attention") is not None
-
-
-@pytest.mark.skipif(not HAS_KERNEL, reason="fastmask.kernels.cls_attention (the Triton attention kernel) is not in this tree yet")
 def test_module_on_triton_backend_matches_torch(monkeypatch):
     torch.manual_seed(0)
     attn = Attention(64, 2, qkv_bias=True).eval()  # head_dim 32

@@ -17,27 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..models.vit import _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
+
 __all__ = ["load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
-
-_PREFIXES = ("student.backbone.", "student.", "backbone.", "model.", "module.", "")
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def select_backbone_state(sd: Dict[str, torch.Tensor], prefix: Optional[str]) -> Tuple[Dict[str, torch.Tensor], str]:
-    """The ViT weights inside ``sd``: those under ``prefix`` (stripped), or under the first of
-    student.backbone. / student. / backbone. / model. / module. / (none) that holds a patch embedding."""
-    candidates = (prefix,) if prefix is not None else _PREFIXES
-    for p in candidates:
-        if f"{p}patch_embed.proj.weight" in sd:
-            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}, p
-    have = sorted({k.split(".")[0] for k in sd})
-    raise ValueError(
-        f"no ViT weights (patch_embed.proj.weight) under prefix {candidates if prefix is None else prefix!r}; "
-        f"top-level names in the checkpoint: {have}"
-    )
 
 
 def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -108,7 +90,7 @@ def load_vit_for_analysis(
     ckpt = _read(path)
     info: Dict[str, Any] = {"checkpoint": os.path.abspath(path)}
     run_cfg = None
-    if isinstance(ckpt, dict) and "method" in ckpt and "config" in ckpt and _is_state_dict(ckpt["method"]):
+    if is_driver_checkpoint(ckpt):
         run_cfg = ckpt["config"]
         info["format"] = f"fastmask driver checkpoint ({run_cfg.get('method')}, step {ckpt.get('step')})"
         sd, used = select_backbone_state(ckpt["method"], prefix)
@@ -116,7 +98,7 @@ def load_vit_for_analysis(
         if _is_state_dict(ckpt):
             full = ckpt
         elif isinstance(ckpt, dict):
-            full = next((ckpt[k] for k in ("teacher", "student", "model", "state_dict", "model_ema", "module")
+            full = next((ckpt[k] for k in _STATE_KEYS
                          if k in ckpt and _is_state_dict(ckpt[k])), None)
             if full is None:
                 raise ValueError(f"{path}: no state dict found (keys: {sorted(ckpt)[:12]})")

@@ -42,6 +42,7 @@ class DINOConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    head_use_bn: bool = False  # BatchNorm in the head's MLP (DINO: off for ViTs)
     norm_last_layer: bool = True
     # loss
     student_temp: float = 0.1
@@ -137,7 +138,7 @@ class DINO(SelfDistillation):
 
         m = self.mcfg
         self.build_student_teacher(cfg, lambda dim: DINOHead(
-            dim, m.out_dim, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+            dim, m.out_dim, use_bn=m.head_use_bn, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
             hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim))
         self.loss_fn = DINOLoss(m.out_dim, n_global=m.num_global_crops, student_temp=m.student_temp,
                                 center_momentum=m.center_momentum)

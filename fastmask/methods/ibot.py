@@ -39,6 +39,7 @@ class IBOTConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    head_use_bn: bool = False  # BatchNorm in the head's MLP (iBOT: off for ViTs)
     # loss
     student_temp: float = 0.1
     warmup_teacher_temp: float = 0.04
@@ -89,8 +90,9 @@ class IBOT(SelfDistillation):
 
         m = self.mcfg
         self.build_student_teacher(cfg, lambda dim: IBOTHead(
-            dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head, norm_last_layer=m.norm_last_layer,
-            nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim))
+            dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head, use_bn=m.head_use_bn,
+            norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
+            bottleneck_dim=m.head_bottleneck_dim))
         self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
                                 student_temp=m.student_temp, center_momentum=m.center_momentum,
                                 center_momentum_patch=m.center_momentum_patch,

@@ -52,6 +52,7 @@ __all__ = [
     "convert_timm_vit",
     "create_vit",
     "load_checkpoint",
+    "select_backbone_state",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -490,9 +491,45 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+# Where a driver checkpoint (``python -m fastmask.train``) keeps the ViT inside the method's state:
+# the student's backbone (DINO/iBOT wrappers), the student itself (MaskSub, MaskedKD, MaskDistill), ...
+_DRIVER_PREFIXES = ("student.backbone.", "student.", "backbone.", "model.", "module.", "")
+
+
+def is_driver_checkpoint(ckpt: Any) -> bool:
+    """A file written by the training driver: the run's config next to the method's state dict."""
+    return isinstance(ckpt, dict) and "config" in ckpt and _is_state_dict(ckpt.get("method"))
+
+
+def select_backbone_state(sd: Dict[str, torch.Tensor], prefix: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+    """The ViT weights inside ``sd`` and the prefix they were under (stripped).
+
+    ``prefix`` names a sub-module, e.g. ``teacher.`` (its ``backbone.`` is looked in too, for the
+    DINO/iBOT wrappers); without it the first of student.backbone. / student. / backbone. / model. /
+    module. / (none) that holds a patch embedding is taken.
+    """
+    if prefix is None:
+        candidates = _DRIVER_PREFIXES
+    else:
+        p = prefix if prefix == "" or prefix.endswith(".") else prefix + "."
+        candidates = (p, p + "backbone.")
+    for p in candidates:
+        if f"{p}patch_embed.proj.weight" in sd:
+            return {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}, p
+    have = sorted({k.split(".")[0] for k in sd})
+    raise ValueError(
+        f"no ViT weights (patch_embed.proj.weight) under prefix {candidates if prefix is None else prefix!r}; "
+        f"top-level names in the checkpoint: {have}"
+    )
+
+
 def _select_state_dict(ckpt: Any, key: Optional[str]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
     if hasattr(ckpt, "state_dict") and isinstance(ckpt, nn.Module):
         ckpt = ckpt.state_dict()
+    if is_driver_checkpoint(ckpt):
+        # Our own training checkpoint: key names a sub-module of the method (default: the student).
+        sd, used = select_backbone_state(ckpt["method"], key)
+        return sd, f"method[{used}]"
     if key is not None:
         if not isinstance(ckpt, dict) or key not in ckpt:
             have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -546,7 +583,8 @@ def load_checkpoint(
     Understands timm state dicts (``.pth``/``.bin``/``.safetensors``), DeiT/MAE (``model``), DINO/iBOT
     (``teacher``/``student``, with ``module.`` and ``backbone.`` prefixes; their projection-head keys
     are skipped and reported; iBOT's ``masked_embed`` becomes ``mask_token``), MAE (its ``decoder*``
-    keys and decoder-width mask token are skipped and reported) and fastmask's own.
+    keys and decoder-width mask token are skipped and reported) and the training driver's own
+    ``checkpoint.pt`` (the student's backbone; ``key="teacher"`` for the teacher).
     ``key`` picks the entry of the checkpoint dict explicitly.  ``pos_embed`` is resampled when the
     checkpoint's patch grid differs.  A classifier head whose shape differs from the model's is
     skipped and reported.  With ``strict`` (default) any other missing or unexpected key is a
