@@ -28,7 +28,27 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["FlopMeter", "SavedActivationMeter", "count_flops", "is_attention_module", "linear_flops"]
+__all__ = ["FlopMeter", "SavedActivationMeter", "count_flops", "is_attention_module", "linear_flops",
+           "register_cpu_sdpa_flops"]
+
+
+def register_cpu_sdpa_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU kernels of ``F.scaled_dot_product_attention``.
+
+    torch (2.14) counts SDPA's CUDA kernels (flash, efficient, cuDNN) but not the CPU flash kernel
+    that SDPA picks on the CPU, so any CPU count of timm's fused attention, or of the ``torch``
+    backend of ``fastmask.ops.attention``, would leave attention out.  Registered with torch's own
+    SDPA formulas (same shapes, same count); done once, when fastmask is imported.
+    """
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    pairs = (("_scaled_dot_product_flash_attention_for_cpu", aten._scaled_dot_product_flash_attention),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", aten._scaled_dot_product_flash_attention_backward))
+    for name, counted_like in pairs:
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry and counted_like in flop_counter.flop_registry:
+            flop_counter.flop_registry[op] = flop_counter.flop_registry[counted_like]
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> Tuple[Any, int]:

@@ -19,6 +19,7 @@ import torch
 
 from . import reference
 from ._backend import backends, select  # noqa: F401  (re-exported)
+from .flops import register_cpu_sdpa_flops
 from .philox import draw_seed
 from .reference import MaskedTokens
 
@@ -283,10 +284,33 @@ def attention(
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     name = select("attention", q.device, backend)
     if name == "torch":
-        return reference.attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
+        return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
     return _kernels("cls_attention").attention(
         q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
     )
+
+
+register_cpu_sdpa_flops()  # the torch backend below runs SDPA: CPU FLOP counts must see it
+
+
+def _torch_attention(q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int):
+    """The ``torch`` backend: ``reference.attention``'s result without its [B, H, L, L] matrix.
+
+    ``out`` comes from ``F.scaled_dot_product_attention`` (PyTorch's fused kernels on CPU and GPU; the
+    math one inside ``sdpa_kernel(MATH)``, which double backward needs), the CLS map from the score
+    row of query 0 alone ([B, H, 1, L] in float32).  Autocast is off, as in the reference: the map is
+    float32 and ``out`` keeps the inputs' dtype.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    with torch.autocast(q.device.type, enabled=False):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        if not return_cls_attn:
+            return out
+        with torch.no_grad():
+            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
+            cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+    return out, cls_attn
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,9 +47,15 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), _MAX_BLOCK_D)
 
 
+def _gpu_launch(device: torch.device) -> bool:
+    """GPU tile shapes for tensors on ``device`` (else the interpreter's); one switch, so that
+    ``tests/compile_for_gpu.py`` can compile the GPU configuration from CPU tensors."""
+    return device.type == "cuda"
+
+
 def _row_tile(D: int, device: torch.device) -> Tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for a row-copy kernel over rows of D channels."""
-    if device.type != "cuda":
+    if not _gpu_launch(device):
         # The CPU interpreter pays per program, not per masked lane: one wide tile per group of rows.
         block_d = triton.next_power_of_2(D)
         return max(1, min(64, _INTERPRETER_TILE_ELEMS // block_d)), block_d, 4
@@ -427,7 +433,7 @@ def random_keep(batch: int, num_tokens: int, keep: int, seed: int, device, *,
         _cuda_ops().random_keep(ids_keep, mask, ids_restore, seed - 2**64 if seed >= 2**63 else seed)
         return ids_keep, mask, ids_restore
     block_n = triton.next_power_of_2(num_tokens)
-    if device.type == "cuda":
+    if _gpu_launch(device):
         rows, num_warps = 1, 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
     else:
         rows, num_warps = min(triton.next_power_of_2(batch), max(1, 4096 // block_n)), 4

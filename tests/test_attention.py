@@ -202,6 +202,47 @@ def test_without_cls_export_returns_only_out_and_is_deterministic():
         assert torch.equal(out, out_cls)
 
 
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest trailing [.., a, b] output of any aten op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                self.largest = max(self.largest, t.shape[-1] * t.shape[-2])
+        return out
+
+
+@pytest.mark.parametrize("L,Dh,dtype,num_prefix_tokens", [
+    (1, 32, torch.float32, 1), (17, 48, torch.float32, 2), (197, 64, torch.float32, 1),
+    (50, 64, torch.float16, 1), (65, 48, torch.bfloat16, 2), (197, 64, torch.bfloat16, 1),
+])
+def test_torch_backend_matches_reference_without_the_matrix(L, Dh, dtype, num_prefix_tokens):
+    # The torch backend (SDPA for out, query 0's score row for the map) is the reference's result
+    # without its [B, H, L, L] matrix: at most an [L, Dh] or [1, L] tile per (batch, head) exists.
+    x, q, k, v = timm_qkv(2, 3, L, Dh, dtype, seed=L + Dh, requires_grad=True)
+    with _LargestOutput() as seen:
+        out, cls_attn = ops.attention(q, k, v, return_cls_attn=True, num_prefix_tokens=num_prefix_tokens,
+                                      backend="torch")
+    if L > Dh:  # else an [L, Dh] tile is as large as [L, L]
+        assert seen.largest < L * L, seen.largest
+    ref_out, ref_cls = reference.attention(q, k, v, None, True, num_prefix_tokens)
+    assert out.dtype == dtype and cls_attn.dtype == torch.float32 and not cls_attn.requires_grad
+    torch.testing.assert_close(out, ref_out, **OUT_TOL[dtype])
+    torch.testing.assert_close(cls_attn, ref_cls, **CLS_TOL)
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, dout)
+    (ref_grad,) = torch.autograd.grad(ref_out, x, dout)
+    torch.testing.assert_close(grad, ref_grad, **GRAD_TOL[dtype])
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):  # the op runs in the inputs' dtype
+        out_ac, cls_ac = ops.attention(q, k, v, return_cls_attn=True, backend="torch")
+    assert out_ac.dtype == dtype and cls_ac.dtype == torch.float32
+
+
 def test_bad_inputs_raise_naming_the_argument():
     q, k, v = qkv(1, 2, 5, 32, torch.float32, seed=1)
     with pytest.raises(ValueError, match="q must have shape"):

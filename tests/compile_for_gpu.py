@@ -1,0 +1,218 @@
+"""Compile every Triton kernel of ``fastmask.kernels`` for a real GPU target, on a machine without one.
+
+The CPU test suite runs the kernels in Triton's interpreter, which never lowers them to PTX: a kernel
+that the interpreter runs can still fail to compile for the GPU (an op with no lowering, a dtype mix
+that only the compiler rejects, a tile that overflows shared memory).  This script closes that gap
+without a GPU.  It replaces Triton's active driver by one that only names a target (``sm_90`` by
+default), turns every kernel launch into a compile to a cubin (ptxas included) that launches nothing,
+and calls the real launchers at ViT shapes, every dtype and every constexpr branch, on CPU tensors:
+the same code path, argument specialisation and tile choice as on the GPU.  Autotuned kernels are
+compiled in every config for one case and in their first config for the others; a config that needs
+more shared memory than the target has is reported (the autotuner prunes it at run time) and a case
+with no config that fits is an error.
+
+    python tests/compile_for_gpu.py [--arch 90 [80 ...]] [--all-configs] [--quiet]
+
+Prints one line per compiled kernel and exits non-zero on the first failure.  ``TRITON_INTERPRET``
+must not be set (it is removed here before triton is imported).  ``tests/test_gpu_compile.py`` runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Opt-in dynamic shared memory per block (bytes), from the CUDA programming guide's compute
+# capability table: what a kernel may use at most on each architecture.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+class _TargetOnlyDriver:
+    """Enough of a Triton driver for compiling: a device index, a stream handle and a target."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+class Compiler:
+    """Patches Triton so that a launch compiles (and records) instead of running."""
+
+    def __init__(self, arch: int, all_configs: bool, quiet: bool):
+        self.arch, self.all_configs, self.quiet = arch, all_configs, quiet
+        self.max_shared = MAX_SHARED.get(arch)
+        self.records = []  # (kernel, constexprs, num_warps, num_stages, shared bytes, seconds)
+        self.too_big = []
+        self._fits = {}  # (kernel, specialisation key) -> fits in shared memory
+        self._full_case = True  # autotuned kernels: every config for the first case only
+        self._autotuning = False
+        self._last_fits = True
+
+    def install(self):
+        driver.set_active(_TargetOnlyDriver(self.arch))
+        compiler = self
+
+        def _do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
+            compiler.compile(fn, key, signature, device, constexprs, options, attrs)
+            return None  # JITFunction.run then returns before the launch
+
+        def _autotuned_run(tuner, *args, **kwargs):
+            configs = tuner.configs if (compiler.all_configs or compiler._full_case) else tuner.configs[:1]
+            fits = 0
+            compiler._autotuning = True
+            try:
+                for config in configs:
+                    tuner.fn.run(*args, **kwargs, **config.all_kwargs())
+                    fits += compiler._last_fits
+            finally:
+                compiler._autotuning = False
+            if not fits:
+                raise RuntimeError(f"{tuner.fn.__name__}: none of {len(configs)} autotune configs fits in "
+                                   f"{compiler.max_shared} bytes of shared memory on sm_{compiler.arch}")
+
+        JITFunction._do_compile = _do_compile
+        Autotuner.run = _autotuned_run
+
+    def compile(self, fn, key, signature, device, constexprs, options, attrs):
+        seen = (fn.fn.__name__, str(key))
+        if seen in self._fits:
+            self._last_fits = self._fits[seen]
+            return
+        _, _, target, _, _ = fn.device_caches[device]
+        start = time.perf_counter()
+        kernel = fn.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        seconds = time.perf_counter() - start
+        shared = kernel.metadata.shared
+        consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.params[k[0]].is_constexpr}
+        record = (fn.fn.__name__, consts, options.num_warps, options.num_stages, shared, seconds)
+        self.records.append(record)
+        fits = self.max_shared is None or shared <= self.max_shared
+        self._fits[seen] = self._last_fits = fits
+        if not self.quiet:
+            note = "" if fits else f"  > {self.max_shared} B: pruned at run time"
+            print(f"sm_{self.arch} {record[0]:<24} warps={record[2]} stages={record[3]} shared={shared:>6} B "
+                  f"{seconds:5.1f} s  {_short(consts)}{note}", flush=True)
+        if not fits:
+            if not self._autotuning:
+                raise RuntimeError(f"{record[0]} needs {shared} bytes of shared memory; sm_{self.arch} has "
+                                   f"{self.max_shared}: it would fail at launch ({_short(consts)})")
+            self.too_big.append(record)
+
+
+def _short(consts):
+    return " ".join(f"{k}={getattr(v, 'value', v)}" for k, v in consts.items())
+
+
+# ------------------------------------------------------------------------------------------- the cases
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def token_cases():
+    """Gather (with and without the fused positional embedding), scatter (mask-token fill or zeros),
+    mask-token replacement, their backwards, and the Philox random keep at ViT and long rows."""
+    from fastmask.kernels import token_gather as tg
+
+    tg._gpu_launch = lambda device: True  # the GPU tile shapes, from CPU tensors
+    B, N = 2, 196
+    ids = torch.arange(0, N, 4).expand(B, -1).contiguous()  # K = 49
+    for dtype in DTYPES:
+        for D in (768, 390):
+            x = torch.zeros(B, N, D, dtype=dtype, requires_grad=True)
+            pos = torch.zeros(1, N, D, dtype=dtype, requires_grad=True)
+            fill = torch.zeros(D, dtype=dtype, requires_grad=True)
+            tg.gather_tokens(x, ids, pos).sum().backward()
+            tg.gather_tokens(x, ids).sum().backward()
+            kept = torch.zeros(B, ids.shape[1], D, dtype=dtype, requires_grad=True)
+            tg.scatter_tokens(kept, ids, N, fill).sum().backward()
+            tg.scatter_tokens(kept, ids, N).sum().backward()
+            mask = torch.zeros(B, N, dtype=torch.bool)
+            tg.apply_mask_token(x, mask, fill).sum().backward()
+    for n in (196, 784, 4096):
+        tg.random_keep(B, n, n // 4, seed=1, device="cpu")
+
+
+def topk_cases():
+    """Top-k selection (32- and 16-bit keys, both orders) and AttMask masks in every mode, gated or not."""
+    from fastmask.kernels import topk_mask as tk
+
+    B = 2
+    for dtype in DTYPES:
+        for n in (196, 784, 1024):
+            scores = torch.zeros(B, n, dtype=dtype)
+            for largest in (True, False):
+                tk.topk_tokens(scores, n // 2, largest)
+            counts = torch.full((B,), n // 4, dtype=torch.int64)
+            for mode in tk.MODES:
+                for gate in (tk._GATE_ALWAYS, tk._GATE_ALWAYS // 2):
+                    tk.cls_attention_mask(scores, counts, 1, mode=mode, gate_threshold=gate,
+                                          num_candidates=n // 10, num_shown=counts // 8)
+
+
+def attention_cases(compiler: Compiler):
+    """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
+    dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
+    from fastmask.kernels import cls_attention as ca
+
+    first = True
+    # (dtype, TF32 allowed, head dims): fp16 shares bf16's code but for the dot's input type.
+    cases = ((torch.bfloat16, False, (64, 32, 128, 80)), (torch.float16, False, (64,)),
+             (torch.float32, False, (64, 32, 128, 80)), (torch.float32, True, (64, 128)))
+    for dtype, tf32, head_dims in cases:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for head_dim in head_dims:
+            for export in (True, False):
+                compiler._full_case = first
+                first = False
+                q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+                out = ca.attention(q, k, v, return_cls_attn=export)
+                (out[0] if export else out).sum().backward()
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config for every case")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    total = 0
+    for arch in args.arch:
+        compiler = Compiler(arch, args.all_configs, args.quiet)
+        compiler.install()
+        token_cases()
+        topk_cases()
+        attention_cases(compiler)
+        total += len(compiler.records)
+        kernels = sorted({r[0] for r in compiler.records})
+        print(f"sm_{arch}: compiled {len(compiler.records)} specialisations of {len(kernels)} kernels "
+              f"({', '.join(kernels)}); {len(compiler.too_big)} autotune configs over the shared-memory limit")
+    print(f"ok: {total} compiles in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
