@@ -42,8 +42,8 @@ MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 class _TargetOnlyDriver:
     """Enough of a Triton driver for compiling: a device index, a stream handle and a target."""
 
-    def __init__(self, arch: int):
-        self.target = GPUTarget("cuda", arch, 32)
+    def __init__(self, target: GPUTarget):
+        self.target = target
 
     def get_current_device(self):
         return 0
@@ -63,6 +63,7 @@ class Compiler:
 
     def __init__(self, arch: int, all_configs: bool, quiet: bool):
         self.arch, self.all_configs, self.quiet = arch, all_configs, quiet
+        self.target = GPUTarget("cuda", arch, 32)
         self.max_shared = MAX_SHARED.get(arch)
         self.records = []  # (kernel, constexprs, num_warps, num_stages, shared bytes, seconds)
         self.too_big = []
@@ -72,7 +73,7 @@ class Compiler:
         self._last_fits = True
 
     def install(self):
-        driver.set_active(_TargetOnlyDriver(self.arch))
+        driver.set_active(_TargetOnlyDriver(self.target))
         compiler = self
 
         def _do_compile(fn, key, signature, device, constexprs, options, attrs, warmup):
@@ -101,10 +102,12 @@ class Compiler:
         if seen in self._fits:
             self._last_fits = self._fits[seen]
             return
-        _, _, target, _, _ = fn.device_caches[device]
+        # This compiler's own target, not the one each kernel cached on its first launch: with
+        # several --arch in one process, that cache still names the first architecture.
         start = time.perf_counter()
-        kernel = fn.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+        kernel = fn.compile(fn.ASTSource(fn, signature, constexprs, attrs), target=self.target, options=options.__dict__)
         seconds = time.perf_counter() - start
+        assert kernel.metadata.target.arch == self.arch, (kernel.metadata.target, self.arch)
         shared = kernel.metadata.shared
         consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.params[k[0]].is_constexpr}
         record = (fn.fn.__name__, consts, options.num_warps, options.num_stages, shared, seconds)

@@ -32,8 +32,11 @@ def _nvidia_backend_missing():
     return None
 
 
+_NO_NVIDIA_BACKEND = _nvidia_backend_missing()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(_nvidia_backend_missing() is not None, reason=str(_nvidia_backend_missing()))
+@pytest.mark.skipif(_NO_NVIDIA_BACKEND is not None, reason=str(_NO_NVIDIA_BACKEND))
 def test_every_kernel_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = os.environ.get("FASTMASK_TEST_TRITON_CACHE", str(tmp_path / "triton-cache"))
