@@ -21,14 +21,17 @@ Tasks and implementations:
          and pick the reveals with a second topk/argsort.
 
 ``extra_info``: kernel_ms (median device time from triton.testing.do_bench, CUDA events, L2
-flushed); rows_per_us; speedup_vs_best_baseline (fastmask only: the fastest torch baseline's
-kernel_ms / this kernel_ms; the goal on an H200 is >= 3).  Kernel timings skip without a GPU (the
+flushed; the calls queue behind the flush, so it is device time: the gaps between a baseline's
+kernels count, the host's launch cost mostly does not); rows_per_us;
+kernels_per_call (CUDA kernels and memsets torch.profiler sees, recorded at the smallest B);
+speedup_vs_best_baseline (fastmask only: the fastest torch baseline's kernel_ms / this kernel_ms;
+the goal on an H200 is >= 3).  Kernel timings skip without a GPU (the
 Triton interpreter's CPU times mean nothing); one CPU case times the torch baselines at a small B.
 """
 import pytest
 import torch
 
-from common import need_gpu, timed
+from common import kernels_per_call, need_gpu, timed
 from fastmask import ops, reference
 
 BATCHES = (256, 1024, 4096)
@@ -191,6 +194,8 @@ def test_topk_mask(benchmark, impl, task, B, N):
     if impl in FASTMASK:
         info["speedup_vs_best_baseline"] = round(best_baseline_ms(task, B, N) / ms, 3)
     with ops.value_checks(False):
+        if B == BATCHES[0]:
+            info["kernels_per_call"] = kernels_per_call(call)["kernels"]
         call()
         benchmark(timed(call))
 

@@ -149,9 +149,25 @@ __global__ void topk_tokens_kernel(const scalar_t* __restrict__ scores, int64_t*
 
 enum Mode : int { kHigh = 0, kLow = 1, kHint = 2 };
 
+// A per-row token count: floor(double(ratio[row]) * N) from a float or double [B] ratio tensor, or
+// one count for every row (ratio == nullptr).  Computed in double like reference.counts_per_row, so
+// the counts agree bit for bit, and here rather than in torch to spare four elementwise launches.
+struct RowCount {
+  const void* ratio;  // float or double, or nullptr
+  int64_t stride;
+  bool is_double;
+  int64_t count;
+  __device__ __forceinline__ int64_t at(int64_t row, int N) const {
+    if (ratio == nullptr) return count;
+    const double r = is_double ? static_cast<const double*>(ratio)[row * stride]
+                               : double(static_cast<const float*>(ratio)[row * stride]);
+    return static_cast<int64_t>(floor(r * double(N)));
+  }
+};
+
 template <typename scalar_t>
-__global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn, const int64_t* __restrict__ num_masked,
-                                          const int64_t* __restrict__ num_shown, bool* __restrict__ mask, int N,
+__global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn, RowCount num_masked,
+                                          RowCount num_shown, bool* __restrict__ mask, int N,
                                           uint64_t seed, int64_t gate_threshold, int num_candidates, int mode) {
   extern __shared__ uint32_t shared[];
   uint32_t* keys = shared;         // attention order keys
@@ -160,7 +176,8 @@ __global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn,
   BlockSum block_sum{sum_partials};
   const int64_t row = blockIdx.x;
   bool* row_mask = mask + row * N;
-  // Block-uniform gate: every thread draws the same number, so the early exit is uniform.
+  // Block-uniform gate: every thread draws the same number, so the early exit is uniform.  Every
+  // element of every row is written (gated-off rows as zeros): the output needs no memset.
   if (gate_threshold < (int64_t(1) << 32) &&
       !(int64_t(philox4x32(seed, static_cast<uint32_t>(row)).r1) < gate_threshold)) {
     for (int n = threadIdx.x; n < N; n += blockDim.x) row_mask[n] = false;
@@ -174,12 +191,12 @@ __global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn,
   }
   __syncthreads();
   const auto all = [](int) { return true; };
-  const Bound hidden = smallest_k(keys, N, num_masked[row], key_bits<scalar_t>(), all, block_sum);
+  const Bound hidden = smallest_k(keys, N, num_masked.at(row, N), key_bits<scalar_t>(), all, block_sum);
   Bound revealed{0u, 0u}, candidate{0u, 0u};
   if (mode == kHint) {
     candidate = smallest_k(keys, N, num_candidates, key_bits<scalar_t>(), all, block_sum);
     const auto is_candidate = [&](int n) { return candidate.below(keys[n], n); };
-    revealed = smallest_k(hint_keys, N, num_shown[row], 32, is_candidate, block_sum);
+    revealed = smallest_k(hint_keys, N, num_shown.at(row, N), 32, is_candidate, block_sum);
   }
   for (int n = threadIdx.x; n < N; n += blockDim.x) {
     bool h = hidden.below(keys[n], n);
@@ -251,9 +268,26 @@ at::Tensor topk_tokens(const at::Tensor& scores_in, int64_t k, bool largest) {
   return ids;
 }
 
-at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const at::Tensor& num_masked_in, int64_t seed,
-                              c10::string_view mode, int64_t gate_threshold, int64_t num_candidates,
-                              const at::Tensor& num_shown_in) {
+// A [B] float ratio tensor (float and double are read in the kernel; half/bfloat16 are widened to
+// float first, exactly) or one count for every row.
+RowCount row_count(const c10::optional<at::Tensor>& ratio_in, int64_t count, const at::Tensor& like, const char* name,
+                   at::Tensor& keep_alive) {
+  if (!ratio_in.has_value()) return RowCount{nullptr, 0, false, count};
+  const int64_t B = like.size(0);
+  TORCH_CHECK(ratio_in->dim() == 1 && ratio_in->size(0) == B, name, " must have shape [B]=[", B, "], got ",
+              ratio_in->sizes());
+  TORCH_CHECK(ratio_in->is_floating_point(), name, " must be a float tensor, got ", ratio_in->scalar_type());
+  keep_alive = ratio_in->to(like.device());
+  if (keep_alive.scalar_type() != at::kFloat && keep_alive.scalar_type() != at::kDouble) {
+    keep_alive = keep_alive.to(at::kFloat);
+  }
+  return RowCount{keep_alive.data_ptr(), keep_alive.stride(0), keep_alive.scalar_type() == at::kDouble, 0};
+}
+
+at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional<at::Tensor>& ratio,
+                              int64_t num_masked, int64_t seed, c10::string_view mode, int64_t gate_threshold,
+                              int64_t num_candidates, const c10::optional<at::Tensor>& show_ratio,
+                              int64_t num_shown) {
   check_row(cls_attn_in, "cls_attn");
   const at::Tensor cls_attn = cls_attn_in.contiguous();
   const int64_t B = cls_attn.size(0), N = cls_attn.size(1);
@@ -267,22 +301,21 @@ at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const at::Tensor& n
   } else {
     TORCH_CHECK(false, "mode must be 'high', 'low' or 'hint', got '", std::string(mode), "'");
   }
-  TORCH_CHECK(num_masked_in.dim() == 1 && num_masked_in.size(0) == B, "num_masked must have shape [B]=[", B, "]");
-  TORCH_CHECK(num_shown_in.dim() == 1 && num_shown_in.size(0) == B, "num_shown must have shape [B]=[", B, "]");
-  const at::Tensor num_masked = num_masked_in.to(cls_attn.device(), at::kLong).contiguous();
-  const at::Tensor num_shown = num_shown_in.to(cls_attn.device(), at::kLong).contiguous();
-  at::Tensor mask = at::zeros({B, N}, cls_attn.options().dtype(at::kBool));
-  if (B == 0 || N == 0 || gate_threshold <= 0) return mask;
+  if (B == 0 || N == 0 || gate_threshold <= 0) return at::zeros({B, N}, cls_attn.options().dtype(at::kBool));
   const c10::cuda::CUDAGuard guard(cls_attn.device());
+  at::Tensor ratio_storage, show_storage;
+  const RowCount masked = row_count(ratio, num_masked, cls_attn, "ratio", ratio_storage);
+  const RowCount shown = row_count(show_ratio, num_shown, cls_attn, "show_ratio", show_storage);
+  at::Tensor mask = at::empty({B, N}, cls_attn.options().dtype(at::kBool));  // the kernel writes every element
   const size_t smem = shared_bytes(N, mode_id == kHint ? 2 : 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_scores(cls_attn.scalar_type(), "cls_attn", [&](auto tag) {
     using scalar_t = decltype(tag);
     auto kernel = cls_attention_mask_kernel<scalar_t>;
     allow_shared(kernel, smem);
-    kernel<<<B, threads_for(N), smem, stream>>>(
-        cls_attn.data_ptr<scalar_t>(), num_masked.data_ptr<int64_t>(), num_shown.data_ptr<int64_t>(),
-        mask.data_ptr<bool>(), int(N), static_cast<uint64_t>(seed), gate_threshold, int(num_candidates), mode_id);
+    kernel<<<B, threads_for(N), smem, stream>>>(cls_attn.data_ptr<scalar_t>(), masked, shown, mask.data_ptr<bool>(),
+                                                int(N), static_cast<uint64_t>(seed), gate_threshold,
+                                                int(num_candidates), mode_id);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return mask;
@@ -294,8 +327,8 @@ at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const at::Tensor& n
 TORCH_LIBRARY_FRAGMENT(fastmask, m) {
   m.def("topk_tokens(Tensor scores, int k, bool largest) -> Tensor");
   m.def(
-      "cls_attention_mask(Tensor cls_attn, Tensor num_masked, int seed, str mode, int gate_threshold, "
-      "int num_candidates, Tensor num_shown) -> Tensor");
+      "cls_attention_mask(Tensor cls_attn, Tensor? ratio, int num_masked, int seed, str mode, int gate_threshold, "
+      "int num_candidates, Tensor? show_ratio, int num_shown) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {

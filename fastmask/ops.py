@@ -12,6 +12,7 @@ the device; ``set_value_checks(False)`` turns them off for production loops once
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from typing import Optional, Tuple, Union
 
@@ -123,7 +124,10 @@ def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=N
         raise ValueError(f"{name} must lie in [0, {upper}, got {value}")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels(module: str):
+    # Imported on first use (triton is only needed by its backends); cached, since launch-bound ops
+    # pay this on every call.
     return importlib.import_module(f"fastmask.kernels.{module}")
 
 
@@ -341,6 +345,15 @@ def topk_tokens(
     return _kernels("topk_mask").topk_tokens(scores, k, largest, backend=name)
 
 
+def _ratio_or_count(ratio: Union[float, torch.Tensor], num_tokens: int) -> Tuple[Optional[torch.Tensor], int]:
+    """A per-row ratio tensor goes to the kernels as it is (they compute floor(float64(r) * N) per row,
+    sparing four elementwise launches); a float becomes one count for every row, as in
+    ``reference.counts_per_row``."""
+    if isinstance(ratio, torch.Tensor):
+        return ratio, 0
+    return None, int(ratio * num_tokens)
+
+
 def cls_attention_mask(
     cls_attn: torch.Tensor,
     ratio: Union[float, torch.Tensor],
@@ -384,15 +397,17 @@ def cls_attention_mask(
     name = select("cls_attention_mask", cls_attn.device, backend)
     if name == "torch":
         return reference.cls_attention_mask(cls_attn, ratio, seed, mode, mask_prob, show_max, show_ratio)
-    num_masked = reference.counts_per_row(ratio, N, B, cls_attn.device)
-    num_shown = reference.counts_per_row(show_ratio if mode == "hint" else 0.0, N, B, cls_attn.device)
+    ratio_per_row, num_masked = _ratio_or_count(ratio, N)
+    show_per_row, num_shown = _ratio_or_count(show_ratio if mode == "hint" else 0.0, N)
     return _kernels("topk_mask").cls_attention_mask(
         cls_attn,
-        num_masked,
+        ratio_per_row,
         seed,
         mode=mode,
         gate_threshold=reference.gate_threshold(mask_prob),
         num_candidates=int(show_max * N),
+        show_ratio=show_per_row,
+        num_masked=num_masked,
         num_shown=num_shown,
         backend=name,
     )

@@ -55,14 +55,39 @@ def philox4x32(seed: int, offset: torch.Tensor, rounds: int = 10) -> Tuple[torch
     return c0, c1, c2, c3
 
 
+# How far one seed draw moves a CUDA generator's Philox offset (torch advances it in multiples of 4).
+SEED_DRAW_OFFSET_STEP = 4
+
+
+def seed_from_generator_state(initial_seed: int, offset: int) -> int:
+    """A 31-bit op seed from a Philox generator's (seed, offset): the splitmix64 finaliser of both.
+
+    Pure host arithmetic, so drawing a seed from a CUDA generator needs no device sync; distinct
+    offsets give unrelated seeds.
+    """
+    x = (int(initial_seed) * 0x9E3779B97F4A7C15 + int(offset) + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x7FFFFFFF
+
+
 def draw_seed(generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> int:
     """The Philox seed of one op call: ``seed`` if given, else 31 random bits from ``generator``
-    (torch's default CPU generator when None, so ``torch.manual_seed`` makes runs reproducible)."""
+    (torch's default CPU generator when None, so ``torch.manual_seed`` makes runs reproducible).
+
+    A CUDA generator keeps its (seed, offset) on the host: the seed is derived from them and the
+    offset advanced as a draw would, instead of drawing on the device and reading the number back,
+    which would stall the host until the GPU has caught up (once per masked batch).
+    """
     if seed is not None:
-        if not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         return seed
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is not None and generator.device.type == "cuda":
+        offset = generator.get_offset()
+        generator.set_offset(offset + SEED_DRAW_OFFSET_STEP)
+        return seed_from_generator_state(generator.initial_seed(), offset)
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -356,7 +358,7 @@ _DELTA_BLOCK_M = 64
 
 
 def _grid_rows(B: int, H: int, L: int, block: str):
-    return lambda meta: (triton.cdiv(L, meta[block]) * B * H,)
+    return lambda meta: (cdiv(L, meta[block]) * B * H,)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -371,7 +373,7 @@ def _upcast_bf16(dtype: torch.dtype) -> bool:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _strides(t: torch.Tensor):
@@ -426,7 +428,7 @@ def attention_backward(
     precision = _dot_precision(q.dtype)
     upcast = _upcast_bf16(q.dtype)
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(L, _DELTA_BLOCK_M) * B * H,)](
+    _attn_bwd_delta_kernel[(cdiv(L, _DELTA_BLOCK_M) * B * H,)](
         out, dout, delta, *_strides(out), *_strides(dout), H, L, Dh, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 # Elements per program tile: enough bytes in flight per program to stream at copy bandwidth, small
 # enough to keep registers (and the interpreter) cheap.
 _TILE_ELEMS = 4096
@@ -44,7 +46,7 @@ def _block_d(D: int) -> int:
         if D % width == 0:
             return width
         width //= 2
-    return min(triton.next_power_of_2(D), _MAX_BLOCK_D)
+    return min(next_power_of_2(D), _MAX_BLOCK_D)
 
 
 def _gpu_launch(device: torch.device) -> bool:
@@ -57,7 +59,7 @@ def _row_tile(D: int, device: torch.device) -> Tuple[int, int, int]:
     """(ROWS, BLOCK_D, num_warps) for a row-copy kernel over rows of D channels."""
     if not _gpu_launch(device):
         # The CPU interpreter pays per program, not per masked lane: one wide tile per group of rows.
-        block_d = triton.next_power_of_2(D)
+        block_d = next_power_of_2(D)
         return max(1, min(64, _INTERPRETER_TILE_ELEMS // block_d)), block_d, 4
     block_d = _block_d(D)
     rows = max(1, min(16, _TILE_ELEMS // block_d))
@@ -181,7 +183,8 @@ def _mask_token_kernel(
              vals.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+# A fresh seed every call: specialising on its value (==1, %16) would recompile mid-training.
+@triton.jit(do_not_specialize=["seed"])
 def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed, B, N, K,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """ROWS rows b: each keeps the K tokens with the smallest Philox keys (see the module docstring).
@@ -243,7 +246,7 @@ def _gather(x, ids, pos_embed, backend: str) -> torch.Tensor:
     if out.numel() == 0:
         return out
     rows, block_d, num_warps = _row_tile(D, out.device)
-    grid = (triton.cdiv(B * K, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * K, rows), cdiv(D, block_d))
     _gather_rows_kernel[grid](
         x, ids, pos if pos is not None else x, out,
         B * K, K, D,
@@ -259,7 +262,7 @@ def _gather(x, ids, pos_embed, backend: str) -> torch.Tensor:
 def _token_slots(ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     B, K = ids.shape
     slot = torch.empty(B, num_tokens, dtype=torch.int32, device=ids.device)
-    block = min(triton.next_power_of_2(max(num_tokens, 1)), 1024)
+    block = min(next_power_of_2(max(num_tokens, 1)), 1024)
     _token_slots_kernel[(B,)](ids, slot, num_tokens, K, ids.stride(0), ids.stride(1), BLOCK=block)
     return slot
 
@@ -274,7 +277,7 @@ def _scatter(x_kept, ids, num_tokens: int, fill, backend: str) -> torch.Tensor:
         return out
     slot = _token_slots(ids, num_tokens)
     rows, block_d, num_warps = _row_tile(D, out.device)
-    grid = (triton.cdiv(B * num_tokens, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * num_tokens, rows), cdiv(D, block_d))
     _scatter_rows_kernel[grid](
         x_kept, slot, fill_vec if fill_vec is not None else out, out,
         B * num_tokens, num_tokens, D,
@@ -298,7 +301,7 @@ def _mask_token(x, mask, token, backend: str) -> torch.Tensor:
     mask_u8 = mask.contiguous().view(torch.uint8)
     token_vec = None if token is None else token.to(x.dtype).contiguous()
     rows, block_d, num_warps = _row_tile(D, out.device)
-    grid = (triton.cdiv(B * N, rows), triton.cdiv(D, block_d))
+    grid = (cdiv(B * N, rows), cdiv(D, block_d))
     _mask_token_kernel[grid](
         x, mask_u8, token_vec if token_vec is not None else x, out,
         B * N, N, D,
@@ -432,12 +435,12 @@ def random_keep(batch: int, num_tokens: int, keep: int, seed: int, device, *,
         # The op takes a signed int64; the kernel reads the same 64 bits back as unsigned.
         _cuda_ops().random_keep(ids_keep, mask, ids_restore, seed - 2**64 if seed >= 2**63 else seed)
         return ids_keep, mask, ids_restore
-    block_n = triton.next_power_of_2(num_tokens)
+    block_n = next_power_of_2(num_tokens)
     if _gpu_launch(device):
         rows, num_warps = 1, 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
     else:
-        rows, num_warps = min(triton.next_power_of_2(batch), max(1, 4096 // block_n)), 4
-    _random_keep_kernel[(triton.cdiv(batch, rows),)](
+        rows, num_warps = min(next_power_of_2(batch), max(1, 4096 // block_n)), 4
+    _random_keep_kernel[(cdiv(batch, rows),)](
         ids_keep, mask.view(torch.uint8), ids_restore, seed, batch, num_tokens, keep,
         ROWS=rows, BLOCK_N=block_n, SEARCH_STEPS=(block_n << 32).bit_length(), num_warps=num_warps,
     )

@@ -19,9 +19,13 @@ Inputs are assumed valid here (``fastmask.ops`` checks them).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+
+from . import next_power_of_2
 
 MODES = {"high": 0, "low": 1, "hint": 2}
 _GATE_ALWAYS = 2**32  # gate_threshold at or above this masks every row: skip the gate draw
@@ -102,10 +106,26 @@ def _row_mask(
 
 
 @triton.jit
+def _row_count(ratio_ptr, stride, row, count, N, PER_ROW: tl.constexpr):
+    """This row's token count: ``floor(float64(ratio[row]) * N)`` from a per-row ratio, else ``count``.
+
+    Computed in float64 like ``reference.counts_per_row``, so the counts agree bit for bit; doing it
+    here spares the four elementwise launches (cast, multiply, floor, cast) it costs in torch.
+    """
+    if PER_ROW:
+        ratio = tl.load(ratio_ptr + row.to(tl.int64) * stride).to(tl.float64)
+        return tl.floor(ratio * N).to(tl.int64)
+    else:
+        return count
+
+
+# A fresh seed every call: specialising on its value (==1, %16) would recompile mid-training.
+@triton.jit(do_not_specialize=["seed", "gate_threshold", "num_masked", "num_shown"])
 def _cls_attention_mask_kernel(
-    attn_ptr, num_masked_ptr, num_shown_ptr, mask_ptr,
-    seed, gate_threshold, N, num_candidates, stride_b, stride_n,
-    MODE: tl.constexpr, GATED: tl.constexpr, KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    attn_ptr, ratio_ptr, show_ptr, mask_ptr,
+    seed, gate_threshold, N, num_masked, num_candidates, num_shown, stride_b, stride_n, stride_ratio, stride_show,
+    MODE: tl.constexpr, GATED: tl.constexpr, RATIO_PER_ROW: tl.constexpr, SHOW_PER_ROW: tl.constexpr,
+    KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -119,14 +139,15 @@ def _cls_attention_mask_kernel(
         masked_row = True
     if masked_row:  # gated-off rows skip the selection entirely
         x = tl.load(attn_ptr + row.to(tl.int64) * stride_b + cols * stride_n, mask=valid, other=0)
-        num_masked = tl.load(num_masked_ptr + row)
-        num_shown = tl.load(num_shown_ptr + row)
-        hidden = _row_mask(x, valid, cols, row, seed, N, num_masked, num_candidates, num_shown, MODE, KEY_BITS)
+        row_masked = _row_count(ratio_ptr, stride_ratio, row, num_masked, N, RATIO_PER_ROW)
+        row_shown = _row_count(show_ptr, stride_show, row, num_shown, N, SHOW_PER_ROW)
+        hidden = _row_mask(x, valid, cols, row, seed, N, row_masked, num_candidates, row_shown, MODE, KEY_BITS)
+    # Every element of every row is written (gated-off rows as zeros): the output needs no memset.
     tl.store(mask_ptr + row.to(tl.int64) * N + cols, hidden.to(tl.uint8), mask=valid)
 
 
 def _launch_config(num_tokens: int):
-    block = triton.next_power_of_2(max(num_tokens, 1))
+    block = next_power_of_2(max(num_tokens, 1))
     # One row per program; a warp per 512 elements keeps the per-bit counts mostly inside warps.
     return block, max(1, min(8, block // 512))
 
@@ -157,37 +178,53 @@ def topk_tokens(scores: torch.Tensor, k: int, largest: bool = True, *, backend: 
     return ids
 
 
+def _per_row(ratio: Optional[torch.Tensor], name: str, like: torch.Tensor):
+    """(pointer tensor, stride, per-row flag) for a per-row ratio tensor or one count for every row."""
+    if ratio is None:
+        return like, 0, False
+    if ratio.dim() != 1 or ratio.shape[0] != like.shape[0] or not ratio.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor of shape [B]=[{like.shape[0]}], got "
+                         f"{ratio.dtype} {tuple(ratio.shape)}")
+    return ratio.to(like.device), ratio.stride(0), True
+
+
 def cls_attention_mask(
     cls_attn: torch.Tensor,
-    num_masked: torch.Tensor,
+    ratio: Optional[torch.Tensor],
     seed: int,
     *,
     mode: str,
     gate_threshold: int,
     num_candidates: int,
-    num_shown: torch.Tensor,
+    show_ratio: Optional[torch.Tensor] = None,
+    num_masked: int = 0,
+    num_shown: int = 0,
     backend: str = "triton",
 ) -> torch.Tensor:
     """AttMask mask [B, N] bool (True = hidden), bit-identical to ``reference.cls_attention_mask``.
 
-    num_masked / num_shown: int64 [B] per-row counts; gate_threshold: rows whose Philox gate draw is
-    below it are masked (2**32 = every row); num_candidates: size of the hint pool.
+    Per-row counts: ``floor(float64(ratio[b]) * N)`` hidden and ``floor(float64(show_ratio[b]) * N)``
+    revealed when the [B] float tensors are given (computed in the kernel), else ``num_masked`` /
+    ``num_shown`` for every row.  gate_threshold: rows whose Philox gate draw is below it are masked
+    (2**32 = every row); num_candidates: size of the hint pool.  One launch, no host sync.
     """
     B, N = cls_attn.shape
-    num_masked = num_masked.to(device=cls_attn.device, dtype=torch.int64).contiguous()
-    num_shown = num_shown.to(device=cls_attn.device, dtype=torch.int64).contiguous()
     if backend == "cuda":
         return _cuda_ops().cls_attention_mask(
-            cls_attn, num_masked, int(seed), mode, int(gate_threshold), int(num_candidates), num_shown
+            cls_attn, ratio, int(num_masked), int(seed), mode, int(gate_threshold), int(num_candidates),
+            show_ratio, int(num_shown),
         )
-    mask = torch.zeros(B, N, dtype=torch.uint8, device=cls_attn.device)
     if B == 0 or N == 0 or gate_threshold <= 0:
-        return mask.view(torch.bool)
+        return torch.zeros(B, N, dtype=torch.bool, device=cls_attn.device)
+    ratio_arg, stride_ratio, ratio_per_row = _per_row(ratio, "ratio", cls_attn)
+    show_arg, stride_show, show_per_row = _per_row(show_ratio, "show_ratio", cls_attn)
+    mask = torch.empty(B, N, dtype=torch.uint8, device=cls_attn.device)
     block, num_warps = _launch_config(N)
     _cls_attention_mask_kernel[(B,)](
-        cls_attn, num_masked, num_shown, mask,
-        int(seed), int(gate_threshold), N, int(num_candidates), cls_attn.stride(0), cls_attn.stride(1),
-        MODE=MODES[mode], GATED=gate_threshold < _GATE_ALWAYS, KEY_BITS=_key_bits(cls_attn.dtype),
-        BLOCK=block, num_warps=num_warps,
+        cls_attn, ratio_arg, show_arg, mask,
+        int(seed), int(gate_threshold), N, int(num_masked), int(num_candidates), int(num_shown),
+        cls_attn.stride(0), cls_attn.stride(1), stride_ratio, stride_show,
+        MODE=MODES[mode], GATED=gate_threshold < _GATE_ALWAYS, RATIO_PER_ROW=ratio_per_row,
+        SHOW_PER_ROW=show_per_row, KEY_BITS=_key_bits(cls_attn.dtype), BLOCK=block, num_warps=num_warps,
     )
     return mask.view(torch.bool)

@@ -168,11 +168,20 @@ def topk_cases():
             scores = torch.zeros(B, n, dtype=dtype)
             for largest in (True, False):
                 tk.topk_tokens(scores, n // 2, largest)
-            counts = torch.full((B,), n // 4, dtype=torch.int64)
-            for mode in tk.MODES:
-                for gate in (tk._GATE_ALWAYS, tk._GATE_ALWAYS // 2):
-                    tk.cls_attention_mask(scores, counts, 1, mode=mode, gate_threshold=gate,
-                                          num_candidates=n // 10, num_shown=counts // 8)
+            # Counts from per-row ratios (float32 or float64, read in the kernel) or one count for every
+            # row: every combination at one shape, one per (mode, gate) elsewhere (compiles are slow).
+            ratios = (None, torch.full((B,), 0.25), torch.full((B,), 0.25, dtype=torch.float64))
+            every = dtype == torch.float32 and n == 196
+            for m, mode in enumerate(tk.MODES):
+                for g, gate in enumerate((tk._GATE_ALWAYS, tk._GATE_ALWAYS // 2)):
+                    for i in range(3) if every else ((m + g) % 3,):
+                        ratio, show = ratios[i], (ratios[(i + 1) % 3] if mode == "hint" else None)
+                        tk.cls_attention_mask(scores, ratio, 1, mode=mode, gate_threshold=gate, num_candidates=n // 10,
+                                              show_ratio=show, num_masked=n // 4, num_shown=n // 32)
+            if every:  # half-precision ratios are widened to float64 in the kernel too
+                half, bf16 = torch.full((B,), 0.25, dtype=torch.float16), torch.full((B,), 0.25, dtype=torch.bfloat16)
+                tk.cls_attention_mask(scores, half, 1, mode="hint", gate_threshold=tk._GATE_ALWAYS,
+                                      num_candidates=n // 10, show_ratio=bf16)
 
 
 def attention_cases(compiler: Compiler):

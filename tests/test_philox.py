@@ -1,4 +1,5 @@
 """The torch Philox used by the references equals Triton's tl.randint4x bit for bit."""
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -46,3 +47,33 @@ def test_draw_seed_reproducible_and_validated():
         draw_seed(seed=-1)
     with pytest.raises(TypeError, match="generator"):
         draw_seed(generator=3)
+
+
+def test_seed_from_generator_state_spreads_and_fits():
+    # What a CUDA generator's seed draws reduce to (no GPU needed): a pure function of (seed, offset),
+    # 31 bits, different for every offset step and every generator seed.
+    from fastmask.philox import SEED_DRAW_OFFSET_STEP, seed_from_generator_state
+
+    seeds = [seed_from_generator_state(s, k * SEED_DRAW_OFFSET_STEP) for s in (0, 1, 2**63) for k in range(2000)]
+    assert all(0 <= v < 2**31 for v in seeds)
+    assert len(set(seeds)) == len(seeds)
+    assert seed_from_generator_state(7, 12) == seed_from_generator_state(7, 12)
+    bits = torch.tensor(seeds[:2000])
+    for bit in (0, 15, 30):  # each bit set about half the time
+        assert abs(((bits >> bit) & 1).float().mean().item() - 0.5) < 0.05
+
+
+@pytest.mark.gpu
+def test_draw_seed_from_cuda_generator_needs_no_sync():
+    g1 = torch.Generator(device="cuda").manual_seed(3)
+    g2 = torch.Generator(device="cuda").manual_seed(3)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draws = [draw_seed(g1) for _ in range(50)]
+        assert draws == [draw_seed(g2) for _ in range(50)], "reproducible from the generator's seed"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(set(draws)) == 50
+    # The generator moved on, as a device draw would have moved it.
+    assert g1.get_offset() == 50 * 4
+

@@ -10,7 +10,7 @@ import torch
 
 from fastmask import ops, reference
 from fastmask.philox import philox4x32
-from helpers import DEVICE, DTYPES, KERNEL_BACKENDS, noncontiguous
+from helpers import DEVICE, DTYPES, KERNEL_BACKENDS, launched_kernels, noncontiguous
 
 MODES = ("high", "low", "hint")
 
@@ -146,19 +146,41 @@ def test_cls_attention_mask_gate_matches_reference(backend, mask_prob):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_handles_unchecked_counts_like_reference(backend):
-    # With value checks off a per-sample show_ratio may exceed the show_max pool: every candidate is
-    # revealed, in the kernels as in the reference.
+    # With value checks off a per-sample show_ratio may exceed the show_max pool (every candidate is
+    # revealed) and ratios may leave [0, 1): the kernels clamp the counts like the reference.
     from fastmask.kernels import topk_mask
 
     g = torch.Generator().manual_seed(9)
-    attn = torch.rand(3, 49, generator=g).to(DEVICE)
-    num_masked = torch.tensor([0, 20, 49], device=DEVICE)
-    num_shown = torch.tensor([9, 2, 30], device=DEVICE)
-    out = topk_mask.cls_attention_mask(attn, num_masked, 21, mode="hint", gate_threshold=2**32,
-                                       num_candidates=4, num_shown=num_shown, backend=backend)
-    ratio = (num_masked.double() + 0.5) / 49
-    ref = reference.cls_attention_mask(attn, ratio, 21, "hint", 1.0, 4.5 / 49, (num_shown.double() + 0.5) / 49)
+    attn = torch.rand(4, 49, generator=g).to(DEVICE)
+    ratio = torch.tensor([0.0, 20.5 / 49, 1.0, -0.3], dtype=torch.float64, device=DEVICE)
+    show_ratio = torch.tensor([9.5 / 49, 2.5 / 49, 0.9, 0.1], device=DEVICE)
+    out = topk_mask.cls_attention_mask(attn, ratio, 21, mode="hint", gate_threshold=2**32, num_candidates=4,
+                                       show_ratio=show_ratio, backend=backend)
+    ref = reference.cls_attention_mask(attn, ratio, 21, "hint", 1.0, 4.5 / 49, show_ratio)
     assert torch.equal(out, ref)
+    # One count for every row instead of per-row ratios (what ops passes for a float ratio).
+    out = topk_mask.cls_attention_mask(attn, None, 21, mode="hint", gate_threshold=2**32, num_candidates=4,
+                                       num_masked=int(1.3 * 49), num_shown=int(-0.05 * 49), backend=backend)
+    assert torch.equal(out, reference.cls_attention_mask(attn, 1.3, 21, "hint", 1.0, 4.5 / 49, -0.05))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("ratio_dtype", DTYPES + (torch.float64,))
+def test_per_row_ratios_count_like_reference(backend, ratio_dtype):
+    # The kernels turn per-row ratios into counts themselves: floor(float64(r) * N) for every float
+    # dtype, including ratios whose product with N is an integer or lies just below one.
+    N = 197
+    near = [k / N for k in (0, 1, 50, 98, 196)] + [torch.nextafter(torch.tensor(k / N, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()
+                                                   for k in (1, 50, 98)]
+    ratio = torch.tensor(near, dtype=torch.float64).to(ratio_dtype)
+    ratio = torch.stack([ratio, ratio]).t().to(DEVICE)[:, 0]  # a strided [B] view
+    attn = torch.rand(ratio.shape[0], N, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    for mode in MODES:
+        kw = dict(mode=mode, seed=3, show_max=0.5, show_ratio=ratio * 0.5 if mode == "hint" else None)
+        out = ops.cls_attention_mask(attn, ratio, backend=backend, **kw)
+        assert torch.equal(out, ops.cls_attention_mask(attn, ratio, backend="torch", **kw)), mode
+        if mode != "hint":
+            assert torch.equal(out.sum(1), torch.floor(ratio.double() * N).long())
 
 
 @pytest.mark.gpu
@@ -177,6 +199,28 @@ def test_kernels_at_training_shapes(backend, N):
                            ops.cls_attention_mask(attn, ratio, backend="torch", **kw))
     for k in (1, N // 2, N - 1):
         assert torch.equal(ops.topk_tokens(attn, k, backend=backend), reference.topk_tokens(attn, k))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fused_ops_launch_one_kernel(backend):
+    # The point of fusing: at training sizes these ops are launch-bound, so each call is one kernel
+    # (per-row counts are computed inside it, the output needs no memset).  The torch recipes they
+    # replace launch 2 (top-k + sort), 8-9 (AttMask-High) and 25 (AttMask-Hint) kernels.
+    g = torch.Generator().manual_seed(2)
+    attn = torch.rand(8, 196, generator=g).to(DEVICE)
+    ratio = (0.1 + 0.4 * torch.rand(8, generator=g)).to(DEVICE)
+    show = (0.01 + 0.04 * torch.rand(8, generator=g)).to(DEVICE)
+    calls = {
+        "topk": lambda: ops.topk_tokens(attn, 98, backend=backend),
+        "high, per-row ratios": lambda: ops.cls_attention_mask(attn, ratio, seed=1, backend=backend),
+        "low, float ratio": lambda: ops.cls_attention_mask(attn, 0.3, mode="low", seed=1, backend=backend),
+        "hint, gated": lambda: ops.cls_attention_mask(attn, ratio, mode="hint", mask_prob=0.5, show_max=0.1,
+                                                      show_ratio=show, seed=1, backend=backend),
+    }
+    with ops.value_checks(False):  # the checks sync on purpose; training runs without them
+        for what, call in calls.items():
+            kernels = launched_kernels(call)
+            assert len(kernels) == 1, f"{what}: {kernels}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -299,6 +343,7 @@ def test_clear_errors():
 
 _EMU_PRELUDE = r"""
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <iostream>
@@ -387,13 +432,31 @@ int main() {
       int64_t threshold;
       int candidates, mode;
       std::cin >> seed >> threshold >> candidates >> mode;
-      std::vector<int64_t> masked(B), shown(B);
-      for (auto& v : masked) std::cin >> v;
-      for (auto& v : shown) std::cin >> v;
+      // Each count: "c <count>" (one for every row), "f <B float ratios>" or "d <B double ratios>".
+      std::vector<float> ratio_f[2];
+      std::vector<double> ratio_d[2];
+      RowCount counts[2];
+      for (int c = 0; c < 2; ++c) {
+        std::string how;
+        std::cin >> how;
+        if (how == "c") {
+          int64_t count;
+          std::cin >> count;
+          counts[c] = RowCount{nullptr, 0, false, count};
+        } else if (how == "f") {
+          ratio_f[c].resize(B);
+          for (auto& v : ratio_f[c]) std::cin >> v;
+          counts[c] = RowCount{ratio_f[c].data(), 1, false, 0};
+        } else {
+          ratio_d[c].resize(B);
+          for (auto& v : ratio_d[c]) std::cin >> v;
+          counts[c] = RowCount{ratio_d[c].data(), 1, true, 0};
+        }
+      }
       std::vector<char> out(B * N, 0);
       bool* mask = reinterpret_cast<bool*>(out.data());
-      if (bits == 32) launch(B, N, [&] { cls_attention_mask_kernel<float>(f.data(), masked.data(), shown.data(), mask, N, seed, threshold, candidates, mode); });
-      else launch(B, N, [&] { cls_attention_mask_kernel<Half16>(h.data(), masked.data(), shown.data(), mask, N, seed, threshold, candidates, mode); });
+      if (bits == 32) launch(B, N, [&] { cls_attention_mask_kernel<float>(f.data(), counts[0], counts[1], mask, N, seed, threshold, candidates, mode); });
+      else launch(B, N, [&] { cls_attention_mask_kernel<Half16>(h.data(), counts[0], counts[1], mask, N, seed, threshold, candidates, mode); });
       for (auto v : out) std::cout << int(v) << ' ';
     }
     std::cout << "|\n";
@@ -449,11 +512,18 @@ def test_cuda_kernel_logic_on_cpu_emulation(tmp_path):
                 lines.append(f"topk {nbits} 1 {N} {values} {k} {largest}")
                 expected.append(reference.topk_tokens(scores, k, bool(largest)))
             for mode, code in (("high", 0), ("low", 1), ("hint", 2)):
-                masked, shown, candidates, seed = N // 2, 3, N // 10, 77
-                lines.append(f"mask {nbits} 1 {N} {values} {seed} {2**32} {candidates} {code} {masked} {shown}")
+                candidates, seed = N // 10, 77
+                # Counts as one int, per-row float32 ratios and per-row float64 ratios (the last two
+                # at values whose product with N lies just below / on an integer).
+                ratio = {"high": torch.tensor([0.29]), "low": torch.tensor([0.5], dtype=torch.float64)}.get(mode)
+                show = torch.tensor([3 / N], dtype=torch.float64) if mode == "hint" else None
+                text = lambda r, count: (f"c {count}" if r is None else  # noqa: E731
+                                         f"{'d' if r.dtype == torch.float64 else 'f'} {r.item()!r}")
+                lines.append(f"mask {nbits} 1 {N} {values} {seed} {2**32} {candidates} {code} "
+                             f"{text(ratio, N // 2)} {text(show, 0)}")
                 expected.append(reference.cls_attention_mask(
-                    scores, (masked + 0.5) / N, seed, mode, 1.0, (candidates + 0.5) / N,
-                    (shown + 0.5) / N if mode == "hint" else None))
+                    scores, (N // 2 + 0.5) / N if ratio is None else ratio, seed, mode, 1.0, (candidates + 0.5) / N,
+                    show))
     out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
     results = out.stdout.split("|\n")[:-1]
     assert len(results) == len(expected)

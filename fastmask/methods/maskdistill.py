@@ -112,17 +112,25 @@ def distill_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, k
     if mask.dtype != torch.bool or mask.shape != pred.shape[:2] or target.shape != pred.shape:
         raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask {tuple(mask.shape)} (bool) "
                          "must be [B, N, D], [B, N, D] and [B, N]")
-    if not bool(mask.any()):
-        # Nothing hidden (possible with mask_prob < 1 policies): a zero that keeps the graph.
-        return pred.sum() * 0.0
-    p, t = pred[mask].float(), target[mask].float()
+    # Per-token losses over every position, then the mean over the hidden ones: no boolean indexing
+    # (its output size would need a device sync every step).  Nothing hidden (possible with
+    # mask_prob < 1 policies) gives a zero that keeps the graph.
+    p, t = pred.float(), target.float()
     if kind == "smooth_l1":
-        return F.smooth_l1_loss(p, t, beta=beta)
-    if kind == "mse":
-        return F.mse_loss(p, t)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(p, t, dim=-1)).mean()
-    raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
+        per_token = F.smooth_l1_loss(p, t, beta=beta, reduction="none").mean(-1)
+    elif kind == "mse":
+        per_token = F.mse_loss(p, t, reduction="none").mean(-1)
+    elif kind == "cosine":
+        per_token = 1.0 - F.cosine_similarity(p, t, dim=-1)
+    else:
+        raise ValueError(f"kind must be one of {LOSSES}, got {kind!r}")
+    return masked_mean(per_token, mask)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` [B, N] where ``mask`` is True (0 where it is nowhere True), without a sync."""
+    hidden = mask.sum()
+    return torch.where(mask, values, 0.0).sum() / hidden.clamp(min=1)
 
 
 def _autocast(device, amp_dtype):
@@ -254,11 +262,9 @@ class MaskDistill(Method):
             pred = self.student_predictions(images, mask)
         loss = distill_loss(pred, target, mask, mcfg.loss, mcfg.smooth_l1_beta)
         with torch.no_grad():
-            hidden = mask.float().mean()
-            p, t = pred[mask].float(), target[mask]
-            cos = F.cosine_similarity(p, t, dim=-1).mean() if p.numel() else torch.zeros(())
-        # (the driver logs the returned loss itself; metrics only add to it)
-        metrics = {"mask_ratio": float(hidden), "cos_masked": float(cos)}
+            cos = masked_mean(F.cosine_similarity(pred.float(), target.float(), dim=-1), mask)
+        # Tensors: the driver reads them back only on logging steps.  (It logs the loss itself.)
+        metrics = {"mask_ratio": mask.float().mean(), "cos_masked": cos}
         return loss, metrics
 
 
