@@ -4,8 +4,9 @@
 //   * each score becomes a uint32 key whose unsigned order is the rank order (float order, reversed
 //     for "largest"; -0.0 is folded into +0.0 first because torch sorts them as equal);
 //   * "the k smallest (key, index) pairs" is answered by a most-significant-bit-first radix select
-//     over the key bits, then over the index bits for the ties: one block-wide count per bit, so the
-//     row is read from shared memory ~(32 + log2 N) times and never sorted;
+//     over the key bits below the prefix every key shares, stopping as soon as a count is exactly k,
+//     then (only if it never was) over the index bits for the ties: one block-wide count per bit, so
+//     the row is read from shared memory a dozen or so times for float32 CLS maps and never sorted;
 //   * hints run the same select on Philox lane-0 keys (seed, b*N + n) among the candidates, which
 //     orders exactly like the reference's int64 key r0 * N + n;
 //   * the row gate (Philox lane 1 at offset b) is drawn first, so gated-off rows only write zeros.
@@ -49,29 +50,29 @@ __device__ __forceinline__ uint32_t order_key(scalar_t value, bool largest) {
   return key;
 }
 
-template <typename scalar_t>
-constexpr int key_bits() {
-  return std::is_same<scalar_t, float>::value ? 32 : 16;
-}
-
-// Block-wide sums of one int per thread; every thread gets the total.  The warp partials go to
-// one of two shared buffers in turn, so one barrier per sum suffices: a thread can only overwrite a
-// buffer two sums later, after a barrier every thread reaches once done reading it.  All threads
-// must make the same sequence of calls (they do: the select loops are block-uniform).
+// Block-wide reductions of one value per thread; every thread gets the result.  The warp partials
+// go to one of two shared buffers in turn, so one barrier per reduction suffices: a thread can only
+// overwrite a buffer two reductions later, after a barrier every thread reaches once done reading
+// it.  All threads must make the same sequence of calls (they do: the select loops are block-uniform).
 struct BlockSum {
   int (*partials)[kMaxWarps];  // [2][kMaxWarps] in shared memory
   int phase = 0;
-  __device__ __forceinline__ int operator()(int value) {
+  template <typename T, typename Op>
+  __device__ __forceinline__ T reduce(T value, Op op) {
+    static_assert(sizeof(T) == sizeof(int), "partials hold 32-bit values");
 #pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xFFFFFFFFu, value, offset);
-    int* buf = partials[phase];
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) value = op(value, T(__shfl_xor_sync(0xFFFFFFFFu, value, offset)));
+    T* buf = reinterpret_cast<T*>(partials[phase]);
     phase ^= 1;
     if (threadIdx.x % kWarp == 0) buf[threadIdx.x / kWarp] = value;
     __syncthreads();
-    int total = 0;
+    T total = buf[0];
     const int num_warps = blockDim.x / kWarp;
-    for (int w = 0; w < num_warps; ++w) total += buf[w];
+    for (int w = 1; w < num_warps; ++w) total = op(total, buf[w]);
     return total;
+  }
+  __device__ __forceinline__ int operator()(int value) {
+    return reduce(value, [](int a, int b) { return a + b; });
   }
 };
 
@@ -86,14 +87,30 @@ struct Bound {
 // The k smallest (key, index) pairs among the elements where eligible(n) holds.  k <= 0 selects none,
 // k >= #eligible selects all.  keys: the row in shared memory.
 template <typename Eligible>
-__device__ Bound smallest_k(const uint32_t* keys, int N, int64_t k, int nbits, Eligible eligible, BlockSum& block_sum) {
-  // Key of the k-th smallest: the largest v with count(key < v) < k, built one bit at a time.
-  uint32_t kth = 0;
-  for (int bit = nbits - 1; bit >= 0; --bit) {
+__device__ Bound smallest_k(const uint32_t* keys, int N, int64_t k, Eligible eligible, BlockSum& block_sum) {
+  // Key of the k-th smallest: the largest v with count(key < v) < k, built one bit at a time from the
+  // most significant.  Two shortcuts, both exact (as in kernels/topk_mask.py): start below the prefix
+  // every eligible key shares (the bits above the highest one where the smallest and largest key
+  // differ), and stop once count(key < trial) == k, the keys below trial being exactly the answer.
+  uint32_t lo = 0xFFFFFFFFu, hi = 0u;
+  for (int n = threadIdx.x; n < N; n += blockDim.x) {
+    if (eligible(n)) {
+      lo = min(lo, keys[n]);
+      hi = max(hi, keys[n]);
+    }
+  }
+  lo = block_sum.reduce(lo, [](uint32_t a, uint32_t b) { return min(a, b); });
+  hi = block_sum.reduce(hi, [](uint32_t a, uint32_t b) { return max(a, b); });
+  const uint32_t diff = lo ^ hi;
+  const int top = diff == 0u ? 0 : 32 - __clz(diff);  // bits below the shared prefix
+  uint32_t kth = top == 32 ? 0u : lo & ~((1u << top) - 1u);
+  for (int bit = top - 1; bit >= 0; --bit) {
     const uint32_t trial = kth | (1u << bit);
     int count = 0;
     for (int n = threadIdx.x; n < N; n += blockDim.x) count += (eligible(n) && keys[n] < trial);
-    if (block_sum(count) < k) kth = trial;
+    const int below = block_sum(count);
+    if (below <= k) kth = trial;
+    if (below == k) break;  // block-uniform: every thread saw the same total
   }
   int below = 0;
   for (int n = threadIdx.x; n < N; n += blockDim.x) below += (eligible(n) && keys[n] < kth);
@@ -125,7 +142,7 @@ __global__ void topk_tokens_kernel(const scalar_t* __restrict__ scores, int64_t*
   for (int n = threadIdx.x; n < N; n += blockDim.x) keys[n] = order_key(row_scores[n], largest);
   __syncthreads();
   const auto all = [](int) { return true; };
-  const Bound bound = smallest_k(keys, N, k, key_bits<scalar_t>(), all, block_sum);
+  const Bound bound = smallest_k(keys, N, k, all, block_sum);
   // Write the chosen indices in ascending order: a block-wide exclusive scan of the chosen flags,
   // one blockDim-wide chunk at a time (ballot within warps, warp totals through shared memory).
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, num_warps = blockDim.x / kWarp;
@@ -191,12 +208,12 @@ __global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn,
   }
   __syncthreads();
   const auto all = [](int) { return true; };
-  const Bound hidden = smallest_k(keys, N, num_masked.at(row, N), key_bits<scalar_t>(), all, block_sum);
+  const Bound hidden = smallest_k(keys, N, num_masked.at(row, N), all, block_sum);
   Bound revealed{0u, 0u}, candidate{0u, 0u};
   if (mode == kHint) {
-    candidate = smallest_k(keys, N, num_candidates, key_bits<scalar_t>(), all, block_sum);
+    candidate = smallest_k(keys, N, num_candidates, all, block_sum);
     const auto is_candidate = [&](int n) { return candidate.below(keys[n], n); };
-    revealed = smallest_k(hint_keys, N, num_shown.at(row, N), 32, is_candidate, block_sum);
+    revealed = smallest_k(hint_keys, N, num_shown.at(row, N), is_candidate, block_sum);
   }
   for (int n = threadIdx.x; n < N; n += blockDim.x) {
     bool h = hidden.below(keys[n], n);

@@ -2,9 +2,10 @@
 
 Both ops reduce to one primitive, "which elements of this row are among the k smallest (key, index)
 pairs": keys are uint32, ties go to the lower index.  Instead of sorting the row we find the k-th
-smallest key by a most-significant-bit-first radix select (one count over the row per key bit,
-``KEY_BITS`` = 32 for float32 scores, 16 for float16/bfloat16), then take the lowest-indexed ties
-with one prefix sum.  The row never leaves registers and the output is written once.
+smallest key by a most-significant-bit-first radix select (one count over the row per key bit below
+the prefix every key shares, stopping once the count hits k exactly; at most 32 bits for float32
+scores, 16 for float16/bfloat16), then take the lowest-indexed ties with one prefix sum.  The row
+never leaves registers and the output is written once.
 
 Keys:
   * scores -> uint32 whose unsigned order is the float order (flip all bits of negatives, set the
@@ -55,17 +56,32 @@ def _order_keys(x, LARGEST: tl.constexpr, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _smallest_k(ukey, valid, k, KEY_BITS: tl.constexpr):
+def _smallest_k(ukey, valid, k):
     """Mask of the valid elements among the k smallest (ukey, index) pairs of the row.
 
     k <= 0 selects nothing and k >= #valid selects every valid element.
     """
-    # Largest v with count(key < v) < k, built bit by bit: v is then the k-th smallest key.
-    kth = tl.zeros((), dtype=tl.uint32)
-    for i in tl.static_range(KEY_BITS):
-        trial = kth | tl.full((), 1 << (KEY_BITS - 1 - i), tl.uint32)
+    # kth: the largest v with count(key < v) < k (then the k-th smallest key), built one bit at a
+    # time from the most significant.  Two shortcuts, both exact:
+    #  * the bits above the highest one where the smallest and largest valid key differ are shared by
+    #    every key: start from that common prefix (its length is read off the float64 exponent of
+    #    lo ^ hi), so a row of softmax probabilities skips its sign and most exponent bits;
+    #  * stop as soon as count(key < trial) == k: the keys below trial are exactly the answer.
+    # On float32 CLS maps this takes about 11-14 counting passes per row instead of 32.
+    lo = tl.min(tl.where(valid, ukey, tl.full(ukey.shape, 0xFFFFFFFF, tl.uint32)), axis=0)
+    hi = tl.max(tl.where(valid, ukey, tl.zeros(ukey.shape, tl.uint32)), axis=0)
+    diff = lo ^ hi
+    exponent = (diff.to(tl.float64).to(tl.int64, bitcast=True) >> 52) - 1023  # floor(log2(diff))
+    top = tl.where(diff == 0, 0, exponent + 1).to(tl.int32)  # bits below the shared prefix
+    kth = (lo.to(tl.int64) & ~((tl.full((), 1, tl.int64) << top.to(tl.int64)) - 1)).to(tl.uint32)
+    bit = top - 1
+    searching = bit >= 0
+    while searching:
+        trial = kth | (tl.full((), 1, tl.uint32) << bit.to(tl.uint32))
         below = tl.sum((valid & (ukey < trial)).to(tl.int32), axis=0)
-        kth = tl.where(below < k, trial, kth)
+        kth = tl.where(below <= k, trial, kth)
+        bit -= 1
+        searching = (bit >= 0) & (below != k)
     strictly_below = valid & (ukey < kth)
     ties = valid & (ukey == kth)
     # The remaining slots go to the lowest-indexed ties (the reference's stable sort order).
@@ -82,7 +98,7 @@ def _topk_tokens_kernel(
     cols = tl.arange(0, BLOCK)
     valid = cols < N
     x = tl.load(scores_ptr + row * stride_b + cols * stride_n, mask=valid, other=0)
-    chosen = _smallest_k(_order_keys(x, LARGEST, KEY_BITS), valid, k, KEY_BITS)
+    chosen = _smallest_k(_order_keys(x, LARGEST, KEY_BITS), valid, k)
     # Chosen tokens are written in index order: slot = number of chosen tokens before this one.
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + row * k + slot, cols.to(tl.int64), mask=chosen)
@@ -94,13 +110,13 @@ def _row_mask(
     MODE: tl.constexpr, KEY_BITS: tl.constexpr,
 ):
     ukey = _order_keys(x, MODE != 1, KEY_BITS)
-    hidden = _smallest_k(ukey, valid, num_masked, KEY_BITS)
+    hidden = _smallest_k(ukey, valid, num_masked)
     if MODE == 2:
         # Hints: reveal the num_shown candidates (the num_candidates most attended tokens) with the
         # smallest Philox keys (r0, n), i.e. a uniform draw without replacement.
-        candidates = _smallest_k(ukey, valid, num_candidates, KEY_BITS)
+        candidates = _smallest_k(ukey, valid, num_candidates)
         r0, _, _, _ = tl.randint4x(seed, (row * N + cols).to(tl.int32))
-        revealed = _smallest_k(r0, candidates, num_shown, 32)
+        revealed = _smallest_k(r0, candidates, num_shown)
         hidden = hidden & ~revealed
     return hidden
 

@@ -69,6 +69,46 @@ def test_topk_tokens_extreme_values(backend):
             assert torch.equal(out, reference.topk_tokens(scores, k, largest))
 
 
+def mixed_rows(B, N, generator):
+    """Rows of different shapes: constant, two-valued, softmax (as CLS maps), wide normal, with infinities."""
+    kinds = torch.randint(0, 5, (B,), generator=generator)
+    rows = []
+    for kind in kinds.tolist():
+        if kind == 0:
+            row = torch.full((N,), float(torch.randn(1, generator=generator)))
+        elif kind == 1:
+            row = torch.randint(0, 2, (N,), generator=generator).float() * 3.0 - 1.0
+        elif kind == 2:
+            row = (torch.randn(N, generator=generator) * 3).softmax(0)
+        elif kind == 3:
+            row = torch.randn(N, generator=generator) * 1e30
+        else:
+            row = torch.randn(N, generator=generator)
+            row[torch.randint(0, N, (2,), generator=generator)] = torch.tensor([float("inf"), -float("inf")])
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_topk_tokens_fuzz(backend):
+    # Random row shapes, sizes, k and dtypes: the radix select's shortcuts (shared-prefix start, stop
+    # at an exact count) must never change the answer.
+    g = torch.Generator().manual_seed(123)
+    for trial in range(24):
+        N = int(torch.randint(1, 300, (1,), generator=g))
+        dtype = DTYPES[trial % 3]
+        scores = mixed_rows(6, N, g).to(device=DEVICE, dtype=dtype)
+        k = int(torch.randint(0, N + 1, (1,), generator=g))
+        largest = bool(trial % 2)
+        out = ops.topk_tokens(scores, k, largest=largest, backend=backend)
+        assert torch.equal(out, reference.topk_tokens(scores, k, largest)), (trial, N, k, dtype, largest)
+        ratio = torch.rand(6, generator=g).to(DEVICE) * 0.99
+        for mode in MODES:
+            kw = dict(mode=mode, seed=trial, show_max=0.3, show_ratio=0.2 if mode == "hint" else None)
+            assert torch.equal(ops.cls_attention_mask(scores, ratio, backend=backend, **kw),
+                               ops.cls_attention_mask(scores, ratio, backend="torch", **kw)), (trial, mode)
+
+
 @pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
 def test_topk_tokens_is_the_true_topk(backend):
     g = torch.Generator().manual_seed(1)
@@ -342,6 +382,7 @@ def test_clear_errors():
 # ------------------------------------------------------------------------------------------------
 
 _EMU_PRELUDE = r"""
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -387,6 +428,9 @@ inline unsigned __ballot_sync(unsigned, bool p) {
   }));
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __clz(unsigned v) { return v ? __builtin_clz(v) : 32; }
+using std::max;
+using std::min;
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 """
 
@@ -502,15 +546,23 @@ def test_cuda_kernel_logic_on_cpu_emulation(tmp_path):
     exe = _build_cuda_emulator(tmp_path)
     g = torch.Generator().manual_seed(11)
     lines, expected = [], []
+    def encode(scores, nbits):
+        raw = scores.view(torch.int32 if nbits == 32 else torch.int16).flatten().tolist()
+        return " ".join(str(v & (2**nbits - 1)) for v in raw)
+
     for dtype in (torch.float32, torch.bfloat16):
+        nbits = 32 if dtype == torch.float32 else 16
         for N in (49, 300):  # one and two elements per thread (256 threads), a partial warp
             scores = tied_scores(1, N, dtype, g, levels=6).cpu()
-            nbits = 32 if dtype == torch.float32 else 16
-            raw = scores.view(torch.int32 if nbits == 32 else torch.int16).flatten().tolist()
-            values = " ".join(str(v & (2**nbits - 1)) for v in raw)
+            values = encode(scores, nbits)
             for k, largest in ((1, 1), (N // 3, 0), (N - 1, 1)):
                 lines.append(f"topk {nbits} 1 {N} {values} {k} {largest}")
                 expected.append(reference.topk_tokens(scores, k, bool(largest)))
+            # Constant, two-valued, softmax, wide and infinite rows at random k (the select's shortcuts).
+            mixed = mixed_rows(5, N, g).to(dtype)
+            for k in (0, int(torch.randint(1, N, (1,), generator=g)), N):
+                lines.append(f"topk {nbits} 5 {N} {encode(mixed, nbits)} {k} 1")
+                expected.append(reference.topk_tokens(mixed, k, True))
             for mode, code in (("high", 0), ("low", 1), ("hint", 2)):
                 candidates, seed = N // 10, 77
                 # Counts as one int, per-row float32 ratios and per-row float64 ratios (the last two
