@@ -51,17 +51,3 @@ def need_gpu(what: str = "kernel timings"):
     """Skip (with the reason shown by -rs) when no GPU: interpreter timings are not measurements."""
     if not HAS_CUDA:
         pytest.skip(f"{what} need a CUDA device; the Triton interpreter's CPU times mean nothing")
-
-
-
-def kernels_per_call(call) -> dict:
-    """The CUDA kernels and memsets one ``call()`` launches (Triton's included), seen by torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    call()  # compile / autotune / allocate outside the count
-    sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        sync()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"kernels": len(names), "names": names}

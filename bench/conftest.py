@@ -9,10 +9,16 @@ measured beside the timing in ``benchmark.extra_info`` (GB/s, ratios, shapes), s
 self-describing.  Kernel backends are only timed on a GPU: the Triton interpreter's CPU timings
 mean nothing, so those cases skip with a reason on a CPU machine.
 """
+import os
+import sys
+
 import pytest
 import torch
 
 from common import DEVICE, HAS_CUDA, measure_copy_bandwidth
+
+# The test helpers (e.g. ``helpers.launched_kernels``) serve the benchmarks too.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 
 @pytest.fixture(scope="session")

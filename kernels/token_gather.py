@@ -262,7 +262,7 @@ def _gather(x, ids, pos_embed, backend: str) -> torch.Tensor:
 def _token_slots(ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     B, K = ids.shape
     slot = torch.empty(B, num_tokens, dtype=torch.int32, device=ids.device)
-    block = min(next_power_of_2(max(num_tokens, 1)), 1024)
+    block = min(next_power_of_2(num_tokens), 1024)
     _token_slots_kernel[(B,)](ids, slot, num_tokens, K, ids.stride(0), ids.stride(1), BLOCK=block)
     return slot
 

@@ -135,7 +135,8 @@ def _row_count(ratio_ptr, stride, row, count, N, PER_ROW: tl.constexpr):
         return count
 
 
-# A fresh seed every call: specialising on its value (==1, %16) would recompile mid-training.
+# Values that can change from call to call (a fresh seed every call): specialising on them (== 1,
+# % 16) would recompile mid-training.
 @triton.jit(do_not_specialize=["seed", "gate_threshold", "num_masked", "num_shown"])
 def _cls_attention_mask_kernel(
     attn_ptr, ratio_ptr, show_ptr, mask_ptr,
@@ -163,7 +164,7 @@ def _cls_attention_mask_kernel(
 
 
 def _launch_config(num_tokens: int):
-    block = next_power_of_2(max(num_tokens, 1))
+    block = next_power_of_2(num_tokens)
     # One row per program; a warp per 512 elements keeps the per-bit counts mostly inside warps.
     return block, max(1, min(8, block // 512))
 
@@ -194,14 +195,11 @@ def topk_tokens(scores: torch.Tensor, k: int, largest: bool = True, *, backend: 
     return ids
 
 
-def _per_row(ratio: Optional[torch.Tensor], name: str, like: torch.Tensor):
+def _per_row(ratio: Optional[torch.Tensor], like: torch.Tensor):
     """(pointer tensor, stride, per-row flag) for a per-row ratio tensor or one count for every row."""
     if ratio is None:
-        return like, 0, False
-    if ratio.dim() != 1 or ratio.shape[0] != like.shape[0] or not ratio.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor of shape [B]=[{like.shape[0]}], got "
-                         f"{ratio.dtype} {tuple(ratio.shape)}")
-    return ratio.to(like.device), ratio.stride(0), True
+        return like, 0, False  # any pointer: the kernel does not read it
+    return ratio, ratio.stride(0), True
 
 
 def cls_attention_mask(
@@ -232,8 +230,8 @@ def cls_attention_mask(
         )
     if B == 0 or N == 0 or gate_threshold <= 0:
         return torch.zeros(B, N, dtype=torch.bool, device=cls_attn.device)
-    ratio_arg, stride_ratio, ratio_per_row = _per_row(ratio, "ratio", cls_attn)
-    show_arg, stride_show, show_per_row = _per_row(show_ratio, "show_ratio", cls_attn)
+    ratio_arg, stride_ratio, ratio_per_row = _per_row(ratio, cls_attn)
+    show_arg, stride_show, show_per_row = _per_row(show_ratio, cls_attn)
     mask = torch.empty(B, N, dtype=torch.uint8, device=cls_attn.device)
     block, num_warps = _launch_config(N)
     _cls_attention_mask_kernel[(B,)](
