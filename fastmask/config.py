@@ -87,7 +87,8 @@ class TrainConfig:
     output_dir: str = "runs/fastmask"
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) / bf16 / fp16 / off
-    compile: bool = False
+    compile: str = "none"  # none | blocks | step (true = step): fastmask/engine/compile.py
+    compile_mode: str = ""  # torch.compile mode: "" (default), reduce-overhead, max-autotune, ...
     log_every: int = 10
     eval_every: int = 1  # epochs between k-NN evaluations (0: only at the end)
     knn_k: int = 20
@@ -333,6 +334,12 @@ def _validate(cfg: TrainConfig) -> None:
     dev = cfg.device.lower()
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    from .engine.compile import resolve_compile_mode
+
+    try:
+        cfg.compile = resolve_compile_mode(cfg.compile)
+    except ValueError:
+        bad("compile", f"must be none, blocks or step (or true/false), got {cfg.compile!r}")
     if cfg.knn_k < 1:
         bad("knn_k", f"must be >= 1, got {cfg.knn_k}")
     if not cfg.knn_temperature > 0:

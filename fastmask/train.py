@@ -200,29 +200,6 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _compile_in_place(method: torch.nn.Module) -> int:
-    """torch.compile the transformer blocks and head MLPs, in place (``nn.Module.compile``).
-
-    Methods call ``forward_features``/``forward_cls`` rather than ``forward`` of their models, so the
-    modules compiled are the ones always entered through ``__call__``: every ViT block and every
-    projection MLP.  In place keeps state-dict keys, checkpoints and EMA pairing unchanged.
-    """
-    count = 0
-    for module in method.modules():
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, torch.nn.Sequential) and hasattr(module, "forward_features"):
-            for blk in blocks:
-                blk.compile()
-                count += 1
-        mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, torch.nn.Sequential) and hasattr(module, "last_layer"):
-            mlp.compile()
-            count += 1
-    if count == 0:
-        warnings.warn("compile=true: found no ViT blocks or head MLPs to compile")
-    return count
-
-
 # ------------------------------------------------------------------------------------ data glue
 
 def _make_loader(cfg: TrainConfig, split: str, pipeline: str, *, shard_id: int, num_shards: int,
@@ -421,8 +398,9 @@ class Trainer:
                                          tuple(cfg.optim.betas), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
-        if cfg.compile:
-            _compile_in_place(self.method)
+        from .engine.compile import compile_step
+
+        self.step_fn = compile_step(self.method, cfg.compile, compile_mode=cfg.compile_mode or None)
 
         self._old_value_checks = None
         self.step = 0
@@ -567,9 +545,7 @@ class Trainer:
         self.method.train()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            loss, metrics = self.method.training_step(batch, state)
-        if not self.method_cls.manual_backward:
-            self._backward(loss)
+            loss, metrics = self.step_fn(batch, state)  # forward, loss, backward (compiled per cfg.compile)
         _all_reduce_grads(self.trainable, self.world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

@@ -124,7 +124,7 @@ def test_mask_to_ids_keep_sorted_complement():
     mask = torch.zeros(b, n, dtype=torch.bool)
     for i in range(b):
         mask[i, torch.randperm(n, generator=gen)[:hidden]] = True
-    ids = mask_to_ids_keep(mask)
+    ids = mask_to_ids_keep(mask, n - hidden)
     assert ids.shape == (b, n - hidden)
     for i in range(b):
         assert ids[i].tolist() == (~mask[i]).nonzero().flatten().tolist()

@@ -86,14 +86,12 @@ class DINOConfig:
             raise ValueError(f"warmup_teacher_temp_epochs must be >= 0, got {self.warmup_teacher_temp_epochs}")
 
 
-def mask_to_ids_keep(mask: torch.Tensor) -> torch.Tensor:
-    """Kept patch indices [B, K] (ascending) of a bool mask [B, N] with the same count per row.
+def mask_to_ids_keep(mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Kept patch indices [B, keep] (ascending) of a bool mask [B, N] that keeps ``keep`` per row.
 
-    A stable sort of the mask puts the kept (False) positions first in their original order, with
-    no host synchronisation.
+    A stable sort of the mask puts the kept (False) positions first in their original order; the
+    count is the caller's (it knows the ratio), so nothing is read back from the device.
     """
-    counts = (~mask).sum(dim=1)
-    keep = int(counts[0]) if mask.shape[0] else 0
     order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
     return order[:, :keep]
 
@@ -119,12 +117,27 @@ def build_student_masks(policy, global_crops: List[torch.Tensor], backbone, *,
                         cls_attn: Optional[List[torch.Tensor]] = None,
                         generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
     """One bool mask [B, N] per global crop (True = hidden), from ``policy``; with ``cls_attn`` (the
-    teacher's map per global crop) the policy ranks tokens by it (AttMask)."""
-    masks = []
-    for i, crop in enumerate(global_crops):
-        grid = backbone.grid_for(tuple(crop.shape[-2:]))
-        masks.append(policy(crop.shape[0], grid, cls_attn=None if cls_attn is None else cls_attn[i],
-                            generator=generator, device=crop.device))
+    teacher's map per global crop) the policy ranks tokens by it (AttMask).
+
+    Crops of one resolution (the global views) are one policy call over their concatenated batch:
+    one mask for the group, handed back as a view per crop.
+    """
+    masks: List[torch.Tensor] = []
+    start = 0
+    while start < len(global_crops):
+        shape = global_crops[start].shape[-2:]
+        end = start + 1
+        while end < len(global_crops) and global_crops[end].shape[-2:] == shape:
+            end += 1
+        group = global_crops[start:end]
+        sizes = [c.shape[0] for c in group]
+        attn = None
+        if cls_attn is not None:
+            attn = cls_attn[start] if end - start == 1 else torch.cat(list(cls_attn[start:end]))
+        mask = policy(sum(sizes), backbone.grid_for(tuple(shape)), cls_attn=attn, generator=generator,
+                      device=group[0].device)
+        masks.extend(mask.split(sizes))
+        start = end
     return masks
 
 
@@ -167,7 +180,9 @@ class DINO(SelfDistillation):
                                                generator=state.generator)
             mask_frac = torch.stack([gm.float().mean() for gm in global_masks]).mean()
             if m.student_mask_mode == "drop":
-                ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * len(locals_)
+                # The random policy hides floor(ratio * N) patches in every row (mask_prob 1).
+                keep = [gm.shape[1] - int(m.student_mask_ratio * gm.shape[1]) for gm in global_masks]
+                ids_keep = [mask_to_ids_keep(gm, k) for gm, k in zip(global_masks, keep)] + [None] * len(locals_)
             else:
                 masks = list(global_masks) + [None] * len(locals_)
         s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep)

@@ -156,6 +156,9 @@ class MaskedKD(Method):
         self.keep = resolve_keep(mcfg.teacher_keep, self.student.num_patches)
         self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
         self._full_flops_per_sample: Dict[tuple, int] = {}
+        # Counted now for the configured image size, so a compiled step only looks the number up.
+        in_chans = teacher.patch_embed.proj.in_channels
+        self.full_teacher_flops_per_sample(torch.zeros(1, in_chans, *teacher.patch_embed.img_size))
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -207,6 +210,14 @@ class MaskedKD(Method):
         if mcfg.distillation == "hard":
             return hard_distillation_loss(student_logits, teacher_logits)
         return student_logits.new_zeros((), dtype=torch.float32)
+
+    def prepare_batch(self, batch, state: StepState):
+        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
+        which ``training_step``'s mixer passes through."""
+        if self.mixer.mixup is None:
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels, state.generator)
 
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskedKDConfig = self.mcfg

@@ -197,6 +197,14 @@ class MaskSub(Method):
         mask.scatter_(1, ids_keep, False)
         return self.student(images, mask=mask), N
 
+    def prepare_batch(self, batch, state: StepState):
+        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
+        which ``training_step``'s mixer passes through."""
+        if self.mixer.mixup is None:
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels, state.generator)
+
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskSubConfig = self.mcfg
         images, labels = batch
