@@ -116,8 +116,10 @@ def load_vit_for_analysis(
     if heads is None and run_cfg is not None:
         m = run_cfg.get("model", {})
         mcfg = run_cfg.get("method_cfg", {}) or {}
-        if used.startswith("teacher") and mcfg.get("teacher_num_heads"):
-            heads = int(mcfg["teacher_num_heads"])
+        # the nested teacher section, or the flat teacher_* keys of runs before it
+        t_heads = (mcfg.get("teacher") or {}).get("num_heads") or mcfg.get("teacher_num_heads")
+        if used.startswith("teacher") and t_heads:
+            heads = int(t_heads)
         elif not used.startswith("teacher") and m.get("num_heads"):
             heads = int(m["num_heads"])
         elif m.get("arch"):
