@@ -81,16 +81,21 @@ def load_vit_for_analysis(
     arch: Optional[str] = None,
     num_heads: Optional[int] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    key: Optional[str] = None,
+    ckpt: Any = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """A ``MaskedViT`` with the weights of ``path`` (eval mode, CPU) and a description of what was loaded.
 
     ``arch`` sets the architecture instead of shape inference: a preset (``vit_small``) or any timm
     ViT/DeiT name (``vit_small_patch14_dinov2``; only the resolution and classifier then come from the
-    weights); ``model_kwargs`` override any architecture argument either way.
+    weights); ``model_kwargs`` override any architecture argument either way.  ``key`` picks the
+    entry of a non-driver checkpoint dict (DINO/iBOT ``teacher`` / ``student``); ``ckpt`` is the
+    already-read file, if the caller has it.
     """
     from ..models import MaskedViTDistilled, create_vit
 
-    ckpt = _read(path)
+    if ckpt is None:
+        ckpt = _read(path)
     info: Dict[str, Any] = {"checkpoint": os.path.abspath(path)}
     run_cfg = None
     if is_driver_checkpoint(ckpt):
@@ -98,7 +103,12 @@ def load_vit_for_analysis(
         info["format"] = f"fastmask driver checkpoint ({run_cfg.get('method')}, step {ckpt.get('step')})"
         sd, used = select_backbone_state(ckpt["method"], prefix)
     else:
-        if _is_state_dict(ckpt):
+        if key is not None:
+            if not isinstance(ckpt, dict) or not _is_state_dict(ckpt.get(key)):
+                have = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
+                raise ValueError(f"{path}: no state dict under {key!r} (keys: {have})")
+            full = ckpt[key]
+        elif _is_state_dict(ckpt):
             full = ckpt
         elif isinstance(ckpt, dict):
             full = next((ckpt[k] for k in _STATE_KEYS
@@ -107,7 +117,9 @@ def load_vit_for_analysis(
                 raise ValueError(f"{path}: no state dict found (keys: {sorted(ckpt)[:12]})")
         else:
             raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(ckpt).__name__}")
-        info["format"] = "state dict"
+        info["format"] = "state dict" + (f" [{key}]" if key else "")
+        # DDP's module. prefix (DINO/iBOT files: module.backbone.*) sits above any sub-module prefix.
+        full = {k[len("module."):] if k.startswith("module.") else k: v for k, v in full.items()}
         sd, used = select_backbone_state(full, prefix)
     sd = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in sd.items()}
     if "masked_embed" in sd and "mask_token" not in sd:  # iBOT's name for the mask token
