@@ -30,65 +30,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["export_timm", "load_backbone", "load_exported", "timm_model_args", "main"]
+from .analysis.loading import _is_timm_name, load_backbone
 
-# Methods whose evaluated network is an EMA teacher (kept in the checkpoint as ``teacher.``).
-_EMA_METHODS = ("dino", "ibot")
-
-
-def load_backbone(path: str, which: Optional[str] = None, *, arch: Optional[str] = None,
-                  model_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """(MaskedViT in eval mode, info) from a driver checkpoint (``which`` = student/teacher/any
-    sub-module prefix; default teacher if there is one) or a timm/DeiT/DINO/iBOT file.  ``info``
-    carries ``run_config`` (the driver's config dict) when the file has one."""
-    from .analysis.loading import _read, load_vit_for_analysis
-    from .models.vit import is_driver_checkpoint
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r} (fastmask never downloads weights)")
-    ckpt = _read(path)
-    run_cfg = ckpt["config"] if is_driver_checkpoint(ckpt) else None
-    key, prefix = None, which
-    if run_cfg is not None:
-        if which is None:  # the network the method evaluates: DINO/iBOT's EMA teacher, else the student
-            prefix = "teacher" if run_cfg.get("method") in _EMA_METHODS else None
-    elif which is not None and isinstance(ckpt, dict) and which in ckpt:
-        key, prefix = which, None  # DINO/iBOT files: {'teacher': {...}, 'student': {...}, ...}
-    if prefix is not None and not prefix.endswith("."):
-        prefix += "."
-    if arch is None and run_cfg is not None:
-        name = _run_arch(run_cfg, prefix)
-        if name is not None and _is_timm_name(name):
-            arch = name
-            model_kwargs = {**_run_sizes(run_cfg, prefix), **(model_kwargs or {})}
-    model, info = load_vit_for_analysis(path, prefix=prefix, arch=arch, model_kwargs=model_kwargs, key=key, ckpt=ckpt)
-    info["run_config"] = run_cfg
-    info["which"] = key or (prefix or "").rstrip(".") or ("student" if run_cfg is not None else "model")
-    return model, info
-
-
-def _run_arch(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Optional[str]:
-    mcfg = run_cfg.get("method_cfg") or {}
-    if prefix and prefix.startswith("teacher") and mcfg.get("teacher_arch"):
-        return str(mcfg["teacher_arch"])
-    return (run_cfg.get("model") or {}).get("arch")
-
-
-def _run_sizes(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Dict[str, Any]:
-    m = run_cfg.get("model") or {}
-    mcfg = run_cfg.get("method_cfg") or {}
-    teacher_own = bool(prefix and prefix.startswith("teacher") and mcfg.get("teacher_arch"))
-    src = {k: mcfg.get(f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads", "patch_size")} if teacher_own \
-        else {k: m.get(k) for k in ("depth", "embed_dim", "num_heads", "patch_size")}
-    return {k: int(v) for k, v in src.items() if v}
-
-
-def _is_timm_name(name: str) -> bool:
-    from timm.models import split_model_name_tag
-
-    from .models.vit import _NAME_RE, vit_names
-
-    return _NAME_RE.match(name) is None and split_model_name_tag(name)[0] in vit_names()
+__all__ = ["export_timm", "load_exported", "timm_model_args", "main"]
 
 
 def timm_model_args(model: nn.Module) -> Dict[str, Any]:
