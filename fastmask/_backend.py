@@ -27,6 +27,7 @@ OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "attention": ("triton", "torch"),
     "topk_tokens": ("cuda", "triton", "torch"),
     "cls_attention_mask": ("cuda", "triton", "torch"),
+    "sdist_loss": ("triton", "torch"),
 }
 
 

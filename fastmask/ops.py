@@ -23,6 +23,7 @@ from ._backend import OP_BACKENDS, _can_run, backends, select  # noqa: F401  (re
 from .flops import register_cpu_sdpa_flops
 from .philox import draw_seed
 from .reference import MaskedTokens
+from .sdist import sdist_loss, sdist_loss_linear  # noqa: F401  (self-distillation loss ops, fastmask/sdist.py)
 
 __all__ = [
     "MaskedTokens",
