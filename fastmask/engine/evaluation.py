@@ -17,9 +17,11 @@ __all__ = ["evaluate", "extract_features", "knn_accuracy", "save_attention_maps"
 
 
 @torch.no_grad()
-def evaluate(cfg, backbone, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int) -> Dict[str, float]:
-    """k-NN accuracy on the val split (features of the train split as memory) + attention maps.
-    Runs on one process (rank 0): the loaders read the whole splits."""
+def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int) -> Dict[str, float]:
+    """k-NN accuracy on the val split (features of the train split as memory), the method's own
+    validation metrics (supervised top-1/top-5) and attention maps.  Runs on one process (rank 0):
+    the loaders read the whole splits."""
+    backbone = method.eval_backbone()
     was_training = backbone.training
     backbone.eval()
     t0 = time.perf_counter()
@@ -28,6 +30,7 @@ def evaluate(cfg, backbone, *, device, amp_dtype, num_classes: int, out_dir: str
     tr_f, tr_y = extract_features(backbone, train_eval, device, amp_dtype, cfg.knn_max_train)
     va_f, va_y = extract_features(backbone, val_eval, device, amp_dtype)
     result = knn_accuracy(tr_f, tr_y, va_f, va_y, num_classes, cfg.knn_k, cfg.knn_temperature)
+    result.update(method.evaluate_classifier(val_eval, device, amp_dtype))
     result["eval_seconds"] = time.perf_counter() - t0
     if cfg.attn_images > 0:
         images = pick_images(val_eval, cfg.attn_images).to(device)

@@ -335,7 +335,7 @@ class Trainer:
         D.barrier(self.world)
         result: Dict[str, float] = {}
         if self.is_main:
-            result = evaluate(self.cfg, self.method.eval_backbone(), device=self.device, amp_dtype=self.amp_dtype,
+            result = evaluate(self.cfg, self.method, device=self.device, amp_dtype=self.amp_dtype,
                               num_classes=self.num_classes, out_dir=self.out_dir, epoch=epoch)
             self.log({"event": "eval", "epoch": epoch + 1, "step": self.step, **result})
         if self.world > 1:
@@ -421,7 +421,7 @@ class Trainer:
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last_epoch:
                 res = self.evaluate(epoch)
                 if self.is_main:
-                    msg = ", ".join(f"{k} {v:.2f}" for k, v in res.items() if k.startswith("knn"))
+                    msg = ", ".join(f"{k} {v:.2f}" for k, v in res.items() if k.startswith(("knn", "val_", "teacher_val_")))
                     (bar.write if bar is not None else print)(f"[fastmask] epoch {epoch + 1}: k-NN {msg}")
             if (epoch + 1) % cfg.save_every == 0 or last_epoch or self.step >= stop_at:
                 self.save_checkpoint(epoch + 1, 0)
