@@ -605,6 +605,7 @@ class Trainer:
             tr_f, tr_y = extract_features(backbone, train_eval, self.device, self.amp_dtype, cfg.knn_max_train)
             va_f, va_y = extract_features(backbone, val_eval, self.device, self.amp_dtype)
             result = knn_accuracy(tr_f, tr_y, va_f, va_y, self.num_classes, cfg.knn_k, cfg.knn_temperature)
+            result.update(self.method.evaluate_classifier(val_eval, self.device, self.amp_dtype))
             result["eval_seconds"] = time.perf_counter() - t0
             if cfg.attn_images > 0:
                 images = _pick_images(val_eval, cfg.attn_images).to(self.device)
@@ -698,7 +699,7 @@ class Trainer:
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last_epoch:
                 res = self.evaluate(epoch)
                 if self.is_main:
-                    msg = ", ".join(f"{k} {v:.2f}" for k, v in res.items() if k.startswith("knn"))
+                    msg = ", ".join(f"{k} {v:.2f}" for k, v in res.items() if k.startswith(("knn", "val_", "teacher_val_")))
                     (bar.write if bar is not None else print)(f"[fastmask] epoch {epoch + 1}: k-NN {msg}")
             if (epoch + 1) % cfg.save_every == 0 or last_epoch or self.step >= stop_at:
                 self.save_checkpoint(epoch + 1, 0)

@@ -540,3 +540,29 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     expected = torch.from_numpy((grey.astype(np.int64) // 257).astype(np.uint8))
     assert torch.equal(img[0], expected) and torch.equal(img[1], img[0])
     assert len(torch.unique(img)) > 200  # clipping left 9 grey levels
+
+def test_builtin_objects_options_sizes_and_footprint(tmp_path):
+    cache = str(tmp_path / "cache")
+    root = builtin.ensure_builtin("objects,res=48,train=3,val=2", cache)
+    assert os.path.basename(root) == "objects-res48-train3-val2-v1"
+    train, val = scan_image_folder(root, "train"), scan_image_folder(root, "val")
+    assert train.classes == sorted(builtin.OBJECT_CLASSES) and len(train) == 30 and len(val) == 20
+    assert {Image.open(f).size for f in train.files} == {(48, 48)}
+    # Growing a split keeps the images already in it (one generator per split and class).
+    bigger = builtin.ensure_builtin("objects,res=48,train=4,val=2", cache)
+    a = os.path.join("train", "star", "00001.jpg")
+    assert open(os.path.join(root, a), "rb").read() == open(os.path.join(bigger, a), "rb").read()
+    # The object covers part of the image only, and differs from the background it covers.
+    rng = np.random.default_rng(0)
+    for cls in builtin.OBJECT_CLASSES:
+        img, mask = builtin._draw_object_scene(cls, 64, rng)
+        assert img.shape == (64, 64, 3) and 0.02 < mask.mean() < 0.3, (cls, mask.mean())
+        patches = mask.reshape(8, 8, 8, 8).any(axis=(1, 3)).sum()
+        assert 4 <= patches <= 32, (cls, patches)
+    # Default shapes keep their historical folder; options make a new one.
+    assert os.path.basename(builtin.builtin_root("shapes", cache)) == "shapes-v2"
+    assert os.path.basename(builtin.builtin_root("shapes,val=5", cache)) == "shapes-train100-val5-v2"
+    for bad, msg in (("objects,size=3", "bad option"), ("objects,res=abc", "integer"),
+                     ("objects,res=8", r"\[32, 512\]"), ("digits,train=3", "bad option")):
+        with pytest.raises(ValueError, match=msg):
+            builtin.parse_builtin(bad)

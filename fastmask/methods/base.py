@@ -19,6 +19,9 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
 * ``eval_backbone()``: the module used for k-NN evaluation and attention maps; its
   ``forward_features(x, return_cls_attn=...)`` returns ``fastmask.models.ViTFeatures``.
+* ``evaluate_classifier(loader, device, amp_dtype)``: validation accuracy of the method's classifiers
+  (``{"val_top1": ..., "val_top5": ...}``, percent) on the driver's eval loader, logged next to the
+  k-NN accuracy; ``{}`` for methods without a classifier (the self-supervised ones).
 * ``param_groups(weight_decay)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
   driver's weight-decay schedule; the others keep weight decay 0.
 """
@@ -135,6 +138,12 @@ class Method(nn.Module):
             raise NotImplementedError(f"{type(self).__name__} has no `student`; override eval_backbone()")
         student = getattr(student, "module", student)  # unwrap DDP
         return getattr(student, "backbone", student)  # unwrap MultiCropWrapper
+
+    def evaluate_classifier(self, loader, device: torch.device,
+                            amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+        """Validation top-1/top-5 (percent) of the method's classifier(s) on ``loader`` (the driver's
+        eval pipeline over the val split).  Self-supervised methods have none: ``{}``."""
+        return {}
 
     def trainable_modules(self) -> Dict[str, nn.Module]:
         """Modules whose parameters the optimizer updates and DDP synchronises (default: ``student``)."""

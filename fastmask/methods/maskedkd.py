@@ -39,6 +39,7 @@ from .supervised import (
     build_classifier,
     check_supervised_config,
     classification_loss,
+    classifier_accuracy,
     hard_distillation_loss,
     soft_distillation_loss,
     top1_accuracy,
@@ -47,6 +48,7 @@ from .supervised import (
 __all__ = ["METHOD", "MaskedKD", "MaskedKDConfig", "DISTILLATION_KINDS", "resolve_keep", "select_teacher_tokens"]
 
 DISTILLATION_KINDS = ("soft", "hard", "none")
+TEACHER_SELECTIONS = ("attention", "random")
 FLOP_COUNTERS = ("hooks", "dispatch")
 
 
@@ -64,6 +66,9 @@ class MaskedKDConfig(SupervisedConfig):
     # Kept patches: a count (>= 1, e.g. 98 of 196) or a fraction of N in (0, 1).  >= N: plain KD.
     teacher_keep: float = 98.0
     student_attn_layer: int = -1  # block whose CLS map ranks the patches (the paper: the last)
+    # Which patches the teacher keeps: "attention" (the student's most attended: MaskedKD) or
+    # "random" (a uniform random subset of the same size: the paper's random-masking control).
+    teacher_select: str = "attention"
     distillation: str = "soft"
     alpha: float = 0.5
     tau: float = 1.0
@@ -77,6 +82,8 @@ def check_maskedkd_config(cfg: MaskedKDConfig) -> None:
     check_supervised_config(cfg)
     if cfg.distillation not in DISTILLATION_KINDS:
         raise ValueError(f"method.distillation must be one of {DISTILLATION_KINDS}, got {cfg.distillation!r}")
+    if cfg.teacher_select not in TEACHER_SELECTIONS:
+        raise ValueError(f"method.teacher_select must be one of {TEACHER_SELECTIONS}, got {cfg.teacher_select!r}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ValueError(f"method.alpha must lie in [0, 1], got {cfg.alpha}")
     if not cfg.tau > 0:
@@ -156,6 +163,7 @@ class MaskedKD(Method):
         self.keep = resolve_keep(mcfg.teacher_keep, self.student.num_patches)
         self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
         self._full_flops_per_sample: Dict[tuple, int] = {}
+        self._teacher_accuracy: Optional[Dict[str, float]] = None  # frozen teacher: measured once
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -215,13 +223,20 @@ class MaskedKD(Method):
         N = self.student.num_patches
         with autocast_for(state.device, state.amp_dtype):
             masked_teacher = self.keep < N and mcfg.distillation != "none"
-            if masked_teacher:
+            by_attention = masked_teacher and mcfg.teacher_select == "attention"
+            if by_attention:
                 logits, cls_attn = self.student(images, return_cls_attn=True, attn_layer=mcfg.student_attn_layer)
             else:
                 logits, cls_attn = self.student(images), None
             ids_keep = None
-            if masked_teacher:
+            if by_attention:
                 ids_keep = select_teacher_tokens(cls_attn, self.keep)
+            elif masked_teacher:
+                from .masksub import random_keep_ids
+
+                # int(N * (1 - ratio)) == keep exactly (half a token of slack against rounding).
+                ids_keep = random_keep_ids(images.shape[0], N, (N - self.keep - 0.5) / N,
+                                           generator=state.generator, device=images.device)
             if mcfg.distillation != "none":
                 t_logits, t_flops = self.teacher_logits(images, ids_keep)
             else:
@@ -245,6 +260,17 @@ class MaskedKD(Method):
             "teacher_flops_ratio": (t_flops / full) if full else 0.0,
         }
         return loss, metrics
+
+
+    def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
+        """The student's val top-1/top-5, and the frozen teacher's (``teacher_val_*``), measured on the
+        first call only: it cannot change, and the KD effect needs a teacher clearly stronger."""
+        out = classifier_accuracy(self.student, loader, device, amp_dtype)
+        if self._teacher_accuracy is None:
+            self._teacher_accuracy = classifier_accuracy(self.teacher, loader, device, amp_dtype,
+                                                         prefix="teacher_val_")
+            self.teacher.eval()
+        return {**out, **self._teacher_accuracy}
 
 
 METHOD = MaskedKD
