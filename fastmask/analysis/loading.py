@@ -74,7 +74,12 @@ def _read(path: str):
         return load_file(path, device="cpu")
     # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors; the
     # file is the user's own.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a cut-off or foreign file
+        from .._cli import unreadable_checkpoint
+
+        raise ValueError(unreadable_checkpoint(path, e)) from e
 
 
 def load_vit_for_analysis(
