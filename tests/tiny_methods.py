@@ -17,7 +17,7 @@ from fastmask.methods.base import StepState
 TINY_MODEL = ["model.depth=2", "model.embed_dim=32", "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
               "data.image_size=32", "data.local_size=16"]
 TINY_HEAD = ["method.out_dim=64", "method.head_hidden_dim=32", "method.head_bottleneck_dim=16"]
-TINY_TEACHER = ["method.teacher_depth=2", "method.teacher_embed_dim=48", "method.teacher_num_heads=2"]
+TINY_TEACHER = ["method.teacher.depth=2", "method.teacher.embed_dim=48", "method.teacher.num_heads=2"]
 NO_MIX = ["method.mixup_alpha=0", "method.cutmix_alpha=0"]
 NUM_CLASSES = 4
 
