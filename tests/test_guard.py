@@ -87,3 +87,60 @@ def test_amp_policy_per_device(monkeypatch):
         assert amp_policy("cuda", "fp16").loss_scaling
     with pytest.raises(ValueError, match="no native bf16"):
         amp_policy("cuda", "bf16")  # capability 7.0 still patched in
+
+
+# ------------------------------------------------------------------ in the training loop
+
+def _trainer(tmp_path, *extra):
+    from fastmask.config import load_config
+    from fastmask.engine.loop import Trainer
+
+    cfg = load_config(config="dino_tiny_builtin", overrides=[
+        "data.batch_size=8", "data.num_workers=0", "data.num_local_crops=1", "model.depth=1",
+        "method.out_dim=32", "method.head_hidden_dim=16", "method.head_bottleneck_dim=8", "log_every=1",
+        "max_steps=5", "tensorboard=false", "progress_bar=false", "attn_images=0", f"output_dir={tmp_path}", *extra])
+    return Trainer(cfg)
+
+
+def _poison(trainer, bad_steps):
+    """Make the method's loss NaN at the given steps (as an fp16 overflow would)."""
+    step_fn = trainer.method.training_step
+
+    def training_step(batch, state):
+        loss, metrics = step_fn(batch, state)
+        return (loss * float("nan") if state.step in bad_steps else loss), metrics
+
+    trainer.method.training_step = training_step
+
+
+def test_loop_skips_nonfinite_steps_counts_and_logs_them(tmp_path):
+    import json
+
+    trainer = _trainer(tmp_path)
+    _poison(trainer, {1, 2})
+    snapshots = {}
+    step_fn = trainer.train_step
+
+    def train_step(batch, epoch):
+        snapshots[trainer.step] = copy.deepcopy(trainer.method.state_dict())
+        return step_fn(batch, epoch)
+
+    trainer.train_step = train_step
+    summary = trainer.fit()
+    assert summary["step"] == 5 and trainer.guard.skipped_total == 2 and trainer.guard.consecutive == 0
+    for k, v in snapshots[2].items():  # step 1 was skipped: nothing changed, the EMA teacher neither
+        assert torch.equal(v, snapshots[1][k]), k
+    assert any(not torch.equal(v, snapshots[3][k]) for k, v in snapshots[4].items())  # step 3 stepped
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = {r["step"]: r for r in records if "loss" in r and "event" not in r}
+    assert steps[2]["nonfinite_skipped"] == 1 and steps[3]["nonfinite_skipped"] == 2
+    assert steps[5]["nonfinite_skipped"] == 2 and steps[5]["nonfinite_consecutive"] == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["nonfinite"] == {"skipped_total": 2, "consecutive": 0}
+
+
+def test_loop_stops_after_n_nonfinite_steps_in_a_row(tmp_path):
+    trainer = _trainer(tmp_path, "nonfinite_max_consecutive=3")
+    _poison(trainer, {0, 1, 2, 3, 4})
+    with pytest.raises(NonFiniteError, match="step 2: 3 non-finite steps in a row"):
+        trainer.fit()

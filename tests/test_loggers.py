@@ -56,3 +56,29 @@ def test_bad_options(fake_wandb):
         WandbLogger(mode="cloud")
     with pytest.raises(ValueError, match="project"):
         WandbLogger(project="")
+
+
+def test_trainer_logs_to_wandb_when_asked(fake_wandb, tmp_path):
+    from fastmask.config import load_config
+    from fastmask.engine.loop import Trainer
+
+    runs = []
+    fake_wandb.init = lambda **kw: runs.append(_FakeRun(**kw)) or runs[-1]
+    cfg = load_config(config="dino_tiny_builtin", overrides=[
+        "data.batch_size=8", "data.num_workers=0", "data.num_local_crops=1", "model.depth=1", "method.out_dim=32",
+        "method.head_hidden_dim=16", "method.head_bottleneck_dim=8", "log_every=1", "max_steps=2",
+        "tensorboard=false", "progress_bar=false", "attn_images=0", f"output_dir={tmp_path}", "wandb=true",
+        "wandb_mode=offline", "wandb_project=fm-test"])
+    Trainer(cfg).fit()
+    (run,) = runs
+    assert run.kwargs["project"] == "fm-test" and run.kwargs["mode"] == "offline" and run.finished
+    assert run.kwargs["config"]["method"] == "dino"
+    steps = [s for s, d in run.logged if "loss" in d]
+    assert steps == [1, 2] and all("lr" in d and "nonfinite_skipped" in d for s, d in run.logged if "loss" in d)
+
+
+def test_wandb_config_is_checked():
+    from fastmask.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="wandb_mode"):
+        load_config(overrides=["wandb_mode=cloud"])

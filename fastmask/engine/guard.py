@@ -102,7 +102,8 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 class NonFiniteGuard:
     """Counts non-finite steps and tells the loop whether to step.
 
-    Usage, after backward (and ``scaler.unscale_``, with fp16) and clipping::
+    Usage: ``guard.save_buffers(model)`` before the forward, then after backward (and
+    ``scaler.unscale_``, with fp16) and clipping::
 
         if guard.check(loss, grad_norm, step=step):
             optimizer.step(); ema_update(...)
@@ -151,11 +152,21 @@ class NonFiniteGuard:
                 "stronger gradient clipping (optim.clip_grad), or amp=off / amp=bf16 instead of fp16")
         return False
 
-    @staticmethod
-    def skip(optimizer: torch.optim.Optimizer, scaler=None) -> None:
-        """What a skipped step does instead of ``optimizer.step()``: the gradients are dropped and a
-        GradScaler (fp16) still lowers its scale for the next step."""
+    def save_buffers(self, module: torch.nn.Module) -> None:
+        """Remember ``module``'s buffers (BatchNorm running statistics and counts) before the forward,
+        so that a skipped step also undoes what its forward wrote there (NaN statistics would poison
+        every later step).  ViTs have none or a few: the copies are small."""
+        self._buffers = [(b, b.detach().clone()) for b in module.buffers()] \
+            if self.enabled else []
+
+    def skip(self, optimizer: torch.optim.Optimizer, scaler=None) -> None:
+        """What a skipped step does instead of ``optimizer.step()``: the gradients are dropped, saved
+        buffers are restored, and a GradScaler (fp16) still lowers its scale for the next step."""
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buf, saved in getattr(self, "_buffers", []):
+                buf.copy_(saved)
+        self._buffers = []
         if scaler is not None:
             scaler.update()
 
