@@ -184,6 +184,20 @@ def topk_cases():
                                       num_candidates=n // 10, show_ratio=bf16)
 
 
+def sdist_cases():
+    """Self-distillation loss: block partials and student gradient, every dtype with two teacher views
+    (DINO/iBOT CLS form), bf16 with one (the masked patch form)."""
+    from fastmask.kernels import sdist_loss as sd
+
+    sd._gpu_launch = lambda device: True
+    B, K = 2, 8192
+    for dtype, G, V in ((torch.float32, 2, 12), (torch.float16, 2, 12), (torch.bfloat16, 2, 12), (torch.bfloat16, 1, 1)):
+        s, t, c = torch.zeros(V * B, K, dtype=dtype), torch.zeros(G * B, K, dtype=dtype), torch.zeros(K)
+        sd.partial_stats(s, t, c, B, 10.0, 25.0)
+        sd.grad_student(s, t, c, torch.zeros(V * B), torch.zeros(G * B), torch.zeros(G, V, B), 10.0, 25.0,
+                        torch.empty_like(s))
+
+
 def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
@@ -218,6 +232,7 @@ def main(argv=None):
         compiler.install()
         token_cases()
         topk_cases()
+        sdist_cases()
         attention_cases(compiler)
         total += len(compiler.records)
         kernels = sorted({r[0] for r in compiler.records})
