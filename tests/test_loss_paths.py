@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask.config import ModelConfig, TrainConfig, load_config
+from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, load_config
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
 from fastmask.methods.ibot import MASK_POLICIES
@@ -186,8 +186,8 @@ def test_maskdistill_masked_decoder_matches_full(kind):
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=4, img_size=16, drop_path_rate=0.0, depth=2,
                                         embed_dim=32, num_heads=2))
-    cfg.method = MaskDistillConfig(teacher_arch="vit_tiny", teacher_depth=2, teacher_embed_dim=48,
-                                   teacher_num_heads=2, mask_min_patches=2, loss=kind)
+    cfg.method = MaskDistillConfig(teacher=TeacherConfig(arch="vit_tiny", depth=2, embed_dim=48, num_heads=2),
+                                   mask_min_patches=2, loss=kind)
     with pytest.warns(UserWarning, match="randomly initialised"):
         method = MaskDistill(cfg, num_classes=3)
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
