@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig, config_to_dict, load_config
+from .engine.optim import clip_gradients
 from .methods import get_method, method_names
 from .methods.base import Method, StepState
 
@@ -417,7 +418,7 @@ class Trainer:
         self.peak_lr = cfg.optim.lr * scale
         self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_lr_by_batch else cfg.optim.min_lr
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.optimizer = _make_optimizer(self.method.param_groups(cfg.optim.weight_decay), self.peak_lr,
+        self.optimizer = _make_optimizer(self.method.param_groups(cfg.optim.weight_decay, cfg.optim.decay_groups), self.peak_lr,
                                          tuple(cfg.optim.betas), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
@@ -575,7 +576,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = None
         if cfg.optim.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.optim.clip_grad)
+            grad_norm = clip_gradients(self.trainable, cfg.optim.clip_grad, cfg.optim.clip_mode)
         if state.freeze_last_layer:
             self.method.cancel_last_layer_grads(state)
         if self.scaler is not None:

@@ -405,6 +405,7 @@ def create_vit(
     num_classes: int = 0,
     drop_path_rate: float = 0.0,
     distilled: bool = False,
+    drop_path_schedule: str = "linear",
     **kwargs: Any,
 ) -> MaskedViT:
     """A randomly initialised ``MaskedViT`` (nothing is ever downloaded; load weights with
@@ -415,6 +416,8 @@ def create_vit(
         Defaults: patch 16, 224 px (use patch 8 or 4 for 32-96 px images).
     num_classes: classifier outputs (0 = no classifier; ``forward`` then returns the pooled features).
     distilled: add a DeiT distillation token (``MaskedViTDistilled``, 2 prefix tokens).
+    drop_path_schedule: ``linear`` (timm: 0 in the first block rising to ``drop_path_rate`` in the last)
+        or ``constant`` (``drop_path_rate`` in every block, DeiT-III's models_v2.py ``vit_models``).
     kwargs: any other timm ``VisionTransformer`` argument (``embed_dim``, ``depth``, ``num_heads``,
         ``reg_tokens``, ``qk_norm``, ``init_values``, ``global_pool``, ...) overriding the preset.
     """
@@ -440,9 +443,18 @@ def create_vit(
     cls = MaskedViTDistilled if distilled else MaskedViT
     if distilled and cfg.get("reg_tokens", 0):
         raise ValueError("distilled=True does not combine with reg_tokens (timm's DeiT has no registers)")
-    return cls(
+    if drop_path_schedule not in ("linear", "constant"):
+        raise ValueError(f"drop_path_schedule must be 'linear' or 'constant', got {drop_path_schedule!r}")
+    model = cls(
         img_size=img_size, patch_size=patch_size, num_classes=num_classes, drop_path_rate=drop_path_rate, **cfg
     )
+    if drop_path_schedule == "constant" and drop_path_rate > 0:
+        from timm.layers import DropPath
+
+        for block in model.blocks:
+            block.drop_path1 = DropPath(drop_path_rate)
+            block.drop_path2 = DropPath(drop_path_rate)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
