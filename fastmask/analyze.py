@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-samples", type=int, default=20)
     p.add_argument("--landscape-steps", type=int, default=11)
     p.add_argument("--landscape-radius", type=float, default=1.0)
-    p.add_argument("--arch", default=None, help="create_vit preset (vit_tiny/small/base/large) instead of inference")
+    p.add_argument("--arch", default=None, help="architecture instead of inference: a preset (vit_small) or any timm ViT/DeiT name (vit_small_patch14_dinov2)")
     p.add_argument("--model-arg", action="append", default=[], help="architecture override key=value (repeat)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--device", default="auto")

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..models.vit import _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
+from ..models.vit import _NAME_RE, _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
 
 __all__ = ["load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
 
@@ -51,6 +51,8 @@ def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     kw["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
     if "blocks.0.attn.q_norm.weight" in sd:
         kw["qk_norm"] = True
+    if "norm_pre.weight" in sd:
+        kw["pre_norm"] = True  # CLIP-style ViTs normalise before the blocks
     if "blocks.0.ls1.gamma" in sd:
         kw["init_values"] = 1e-5  # LayerScale present; its values come from the checkpoint
     head = sd.get("head.weight")
@@ -82,8 +84,9 @@ def load_vit_for_analysis(
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """A ``MaskedViT`` with the weights of ``path`` (eval mode, CPU) and a description of what was loaded.
 
-    ``arch`` (a ``create_vit`` name such as ``vit_small``) sets the preset instead of shape inference;
-    ``model_kwargs`` override any architecture argument either way.
+    ``arch`` sets the architecture instead of shape inference: a preset (``vit_small``) or any timm
+    ViT/DeiT name (``vit_small_patch14_dinov2``; only the resolution and classifier then come from the
+    weights); ``model_kwargs`` override any architecture argument either way.
     """
     from ..models import MaskedViTDistilled, create_vit
 
@@ -112,6 +115,34 @@ def load_vit_for_analysis(
     info["prefix"] = used
 
     kw = infer_vit_kwargs(sd)
+    if arch is not None and _NAME_RE.match(arch) is None:
+        # A timm name fixes the architecture; the resolution and classifier still come from the weights.
+        patch, img, num_classes = kw["patch_size"], kw.get("img_size", 224), kw["num_classes"]
+        model = create_vit(arch, img_size=img, num_classes=num_classes, **(model_kwargs or {}))
+        kw = dict(embed_dim=int(model.embed_dim), depth=len(model.blocks))
+        heads = int(model.blocks[0].attn.num_heads)
+        patch = int(model.patch_size[0])
+    else:
+        model, heads, patch, img, num_classes = _build_inferred(kw, sd, run_cfg, used, arch, num_heads, model_kwargs)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k != "mask_token"]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the inferred ViT ({kw}): missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}; pass --arch / --model-arg to fix the architecture")
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    info.update(arch=arch or "inferred", num_heads=int(heads), img_size=img, patch_size=patch, num_classes=num_classes,
+                **{k: v for k, v in kw.items() if k in ("embed_dim", "depth")})
+    if isinstance(model, MaskedViTDistilled):
+        info["distilled"] = True
+    return model, info
+
+
+def _build_inferred(kw, sd, run_cfg, used, arch, num_heads, model_kwargs):
+    """The ViT whose arguments are read off the weights (heads from the run's config or 64 per head)."""
+    from ..models import create_vit
+
     heads = num_heads
     if heads is None and run_cfg is not None:
         m = run_cfg.get("model", {})
@@ -142,16 +173,4 @@ def load_vit_for_analysis(
     num_classes = kw.pop("num_classes")
     model = create_vit(arch or "vit_tiny", patch_size=patch, img_size=img, num_classes=num_classes,
                        distilled=distilled, **kw)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and k != "mask_token"]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the inferred ViT ({kw}): missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}; pass --arch / --model-arg to fix the architecture")
-    model.load_state_dict(sd, strict=False)
-    model.eval()
-    info.update(arch=arch or "inferred", num_heads=int(heads), img_size=img, patch_size=patch, num_classes=num_classes,
-                **{k: v for k, v in kw.items() if k in ("embed_dim", "depth")})
-    if isinstance(model, MaskedViTDistilled):
-        info["distilled"] = True
-    return model, info
+    return model, heads, patch, img, num_classes
