@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | lamb (DeiT-III / MaskSub's fusedlamb, fastmask.engine.optim.lamb)
     lr: float = 5e-4  # base lr for a global batch of 256; the driver scales it by batch/256
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
@@ -84,6 +84,9 @@ class OptimConfig:
     teacher_momentum: float = 0.996  # EMA momentum, cosine schedule to teacher_momentum_end
     teacher_momentum_end: float = 1.0
     scale_lr_by_batch: bool = True
+    # min_lr scaled by batch/256 as well (fastmask's earlier behaviour); false: min_lr is absolute, as
+    # in DINO/iBOT/AttMask (cosine_scheduler(lr * batch / 256, min_lr, ...)) and DeiT/MaskSub/MaskedKD.
+    scale_min_lr: bool = True
 
     def __post_init__(self):
         from .engine.optim import CLIP_MODES, DECAY_GROUPS
@@ -318,8 +321,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.max_steps < 0:
         bad("max_steps", f"must be >= 0, got {cfg.max_steps}")
     o = cfg.optim
-    if o.optimizer.lower() not in ("adamw",):
-        bad("optim.optimizer", f"only 'adamw' is supported, got {o.optimizer!r}")
+    if o.optimizer.lower() not in ("adamw", "lamb"):
+        bad("optim.optimizer", f"must be 'adamw' or 'lamb', got {o.optimizer!r}")
     if not o.lr > 0:
         bad("optim.lr", f"must be > 0, got {o.lr}")
     if o.min_lr < 0 or o.min_lr > o.lr:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .config import ConfigError, TrainConfig, config_to_dict, load_config
-from .engine.optim import clip_gradients
+from .engine.optim import clip_gradients, lamb
 from .methods import get_method, method_names
 from .methods.base import Method, StepState
 
@@ -166,7 +166,9 @@ def _amp_dtype(pref: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def _make_optimizer(groups, lr: float, betas, device: torch.device):
+def _make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
+    if name == "lamb":
+        return lamb(groups, lr, betas)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam  # type: ignore
@@ -416,10 +418,10 @@ class Trainer:
         self.global_batch = self._global_batch_size()
         scale = self.global_batch / 256.0 if cfg.optim.scale_lr_by_batch else 1.0
         self.peak_lr = cfg.optim.lr * scale
-        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_lr_by_batch else cfg.optim.min_lr
+        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_min_lr else cfg.optim.min_lr
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.optimizer = _make_optimizer(self.method.param_groups(cfg.optim.weight_decay, cfg.optim.decay_groups), self.peak_lr,
-                                         tuple(cfg.optim.betas), self.device)
+                                         tuple(cfg.optim.betas), self.device, cfg.optim.optimizer.lower())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         if cfg.compile:

@@ -23,7 +23,9 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["CLIP_MODES", "DECAY_GROUPS", "clip_gradients", "decay_split", "weight_decay_groups"]
+__all__ = ["CLIP_MODES", "DECAY_GROUPS", "OPTIMIZERS", "clip_gradients", "decay_split", "lamb", "weight_decay_groups"]
+
+OPTIMIZERS = ("adamw", "lamb")
 
 CLIP_MODES = ("per_param", "global")
 DECAY_GROUPS = ("dino", "timm")
@@ -93,3 +95,12 @@ def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str = 
     torch._foreach_clamp_max_(coefs, 1.0)
     torch._foreach_mul_(grads, coefs)
     return total
+
+
+def lamb(groups, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+    """LAMB as DeiT-III and MaskSub train (``--opt fusedlamb``: apex ``FusedLAMB`` through timm's
+    ``create_optimizer``, eps ``--opt-eps`` 1e-8, its default global grad-norm bound of 1.0):
+    timm's ``Lamb``, the same algorithm in plain PyTorch."""
+    from timm.optim import Lamb
+
+    return Lamb(groups, lr=lr, betas=tuple(betas), eps=1e-8, max_grad_norm=1.0)
