@@ -18,11 +18,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import reference
-from ._backend import backends, select  # noqa: F401  (re-exported)
+from . import dispatch, reference
+from ._backend import OP_BACKENDS, _can_run, backends, select  # noqa: F401  (re-exported)
 from .flops import register_cpu_sdpa_flops
 from .philox import draw_seed
 from .reference import MaskedTokens
+from .sdist import sdist_loss, sdist_loss_linear  # noqa: F401  (self-distillation loss ops, fastmask/sdist.py)
 
 __all__ = [
     "MaskedTokens",
@@ -124,6 +125,20 @@ def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=N
         raise ValueError(f"{name} must lie in [0, {upper}, got {value}")
 
 
+def _measured(op: str, name: str, backend: Optional[str], device: torch.device, tensors, flags, run,
+              grad_tensors=()) -> str:
+    """Measured dispatch among the backends that can run ``op`` here (see ``fastmask.dispatch``);
+    ``run(impl, *grad_tensors)`` calls the op with ``backend=impl``.  A forced backend is kept."""
+    if dispatch.forced(backend):
+        return name
+    candidates = tuple(n for n in OP_BACKENDS[op] if _can_run(n, op, device)[0])
+
+    def run_unchecked(impl, *ts):
+        with value_checks(False):  # checked once already; timing must not sync
+            return run(impl, *ts)
+    return dispatch.choose_backend(op, name, device, tensors, flags, candidates, run_unchecked, grad_tensors)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(module: str):
     # Imported on first use (triton is only needed by its backends); cached, since launch-bound ops
@@ -162,6 +177,8 @@ def gather_tokens(
     _check_ids(ids, x.shape[0], x.shape[1])
     _check_pos_embed(pos_embed, x)
     name = select("gather_tokens", x.device, backend)
+    name = _measured("gather_tokens", name, backend, x.device, (x, ids, pos_embed), (),
+                     lambda impl, x_, p_: gather_tokens(x_, ids, pos_embed=p_, backend=impl), (x, pos_embed))
     if name == "torch":
         return reference.gather_tokens(x, ids, pos_embed)
     return _kernels("token_gather").gather_tokens(x, ids, pos_embed, backend=name)
@@ -192,6 +209,8 @@ def scatter_tokens(
             raise ValueError(f"fill must be a tensor of D={x_kept.shape[2]} values ([D], [1, D] or [1, 1, D])")
         _check_float("fill", fill)
     name = select("scatter_tokens", x_kept.device, backend)
+    name = _measured("scatter_tokens", name, backend, x_kept.device, (x_kept, ids, fill), (num_tokens,),
+                     lambda impl, x_, f_: scatter_tokens(x_, ids, num_tokens, f_, backend=impl), (x_kept, fill))
     if name == "torch":
         return reference.scatter_tokens(x_kept, ids, num_tokens, fill)
     return _kernels("token_gather").scatter_tokens(x_kept, ids, num_tokens, fill, backend=name)
@@ -216,6 +235,8 @@ def apply_mask_token(
     _check_float("mask_token", mask_token)
     _check_same_device("x", x, mask=mask, mask_token=mask_token)
     name = select("apply_mask_token", x.device, backend)
+    name = _measured("apply_mask_token", name, backend, x.device, (x, mask, mask_token), (),
+                     lambda impl, x_, t_: apply_mask_token(x_, mask, t_, backend=impl), (x, mask_token))
     if name == "torch":
         return reference.apply_mask_token(x, mask, mask_token)
     return _kernels("token_gather").apply_mask_token(x, mask, mask_token.reshape(-1), backend=name)
@@ -244,6 +265,9 @@ def random_masking(
     _check_pos_embed(pos_embed, x)
     seed = draw_seed(generator, seed)
     name = select("random_masking", x.device, backend)
+    name = _measured("random_masking", name, backend, x.device, (x, pos_embed), (mask_ratio,),
+                     lambda impl, x_, p_: random_masking(x_, mask_ratio, seed=seed, pos_embed=p_, backend=impl).x_kept,
+                     (x, pos_embed))
     if name == "torch":
         return reference.random_masking(x, mask_ratio, seed, pos_embed)
     B, N, _ = x.shape
@@ -287,30 +311,66 @@ def attention(
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     name = select("attention", q.device, backend)
-    if name == "torch":
-        return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
-    return _kernels("cls_attention").attention(
-        q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
-    )
+    if not dispatch.forced(backend):
+        name = dispatch.choose_backend(
+            "attention", name, q.device, (q, k, v), (scale, return_cls_attn, num_prefix_tokens),
+            _attention_candidates(q.device),
+            lambda impl, q_, k_, v_: _run_attention(impl, q_, k_, v_, scale, return_cls_attn, num_prefix_tokens),
+            (q, k, v),
+        )
+    return _run_attention(name, q, k, v, scale, return_cls_attn, num_prefix_tokens)
+
+
+# Measured-dispatch candidates besides the backends: SDPA with one backend each (the CLS map from the
+# one-launch CLS-row kernel where Triton runs, else from query 0's score row in torch).
+SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def _attention_candidates(device: torch.device) -> Tuple[str, ...]:
+    names = tuple(n for n in ("triton", "torch") if _can_run(n, "attention", device)[0])
+    return names + (tuple(SDPA_BACKENDS) if device.type == "cuda" else ())
+
+
+def _run_attention(impl: str, q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int):
+    if impl == "triton":
+        return _kernels("cls_attention").attention(
+            q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
+        )
+    sdpa = SDPA_BACKENDS.get(impl)
+    if impl != "torch" and sdpa is None:
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    cls_kernel = return_cls_attn and impl != "torch" and _can_run("triton", "attention", q.device)[0]
+    return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens, sdpa, cls_kernel)
 
 
 register_cpu_sdpa_flops()  # the torch backend below runs SDPA: CPU FLOP counts must see it
 
 
-def _torch_attention(q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int):
+def _torch_attention(q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int,
+                     sdpa_backend: Optional[str] = None, cls_kernel: bool = False):
     """The ``torch`` backend: ``reference.attention``'s result without its [B, H, L, L] matrix.
 
     ``out`` comes from ``F.scaled_dot_product_attention`` (PyTorch's fused kernels on CPU and GPU; the
     math one inside ``sdpa_kernel(MATH)``, which double backward needs), the CLS map from the score
     row of query 0 alone ([B, H, 1, L] in float32).  Autocast is off, as in the reference: the map is
-    float32 and ``out`` keeps the inputs' dtype.
+    float32 and ``out`` keeps the inputs' dtype.  ``sdpa_backend`` (an ``SDPBackend`` name) pins SDPA
+    to one backend; ``cls_kernel`` takes the map from the one-launch Triton CLS-row kernel instead.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     with torch.autocast(q.device.type, enabled=False):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        if sdpa_backend is None:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(getattr(SDPBackend, sdpa_backend)):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
         if not return_cls_attn:
             return out
+        if cls_kernel:
+            return out, _kernels("cls_row").cls_row(q.detach(), k.detach(), scale, num_prefix_tokens)
         with torch.no_grad():
             row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
             cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
@@ -340,6 +400,8 @@ def topk_tokens(
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= N:
         raise ValueError(f"k must be an int in [0, N={N}], got {k!r}")
     name = select("topk_tokens", scores.device, backend)
+    name = _measured("topk_tokens", name, backend, scores.device, (scores,), (k, largest),
+                     lambda impl: topk_tokens(scores, k, largest=largest, backend=impl))
     if name == "torch":
         return reference.topk_tokens(scores, k, largest)
     return _kernels("topk_mask").topk_tokens(scores, k, largest, backend=name)
@@ -395,6 +457,11 @@ def cls_attention_mask(
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
     seed = draw_seed(generator, seed)
     name = select("cls_attention_mask", cls_attn.device, backend)
+    name = _measured("cls_attention_mask", name, backend, cls_attn.device,
+                     (cls_attn, *(r for r in (ratio, show_ratio) if isinstance(r, torch.Tensor))),
+                     (mode, mask_prob > 0 and mask_prob < 1, isinstance(ratio, torch.Tensor)),
+                     lambda impl: cls_attention_mask(cls_attn, ratio, mode=mode, mask_prob=mask_prob, show_max=show_max,
+                                                     show_ratio=show_ratio, seed=seed, backend=impl))
     if name == "torch":
         return reference.cls_attention_mask(cls_attn, ratio, seed, mode, mask_prob, show_max, show_ratio)
     ratio_per_row, num_masked = _ratio_or_count(ratio, N)

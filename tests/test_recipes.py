@@ -89,23 +89,24 @@ def test_clip_gradients_per_param_bounds_each_parameter():
 
 def test_clip_mode_reaches_the_driver(tiny_folder, tmp_path, monkeypatch):  # noqa: F811
     """The driver clips with optim.clip_mode, after backward and before the optimizer step."""
-    import fastmask.train as train_mod
+    import fastmask.engine.loop as loop
+    from fastmask.engine.data import to_device
 
     seen = []
-    real = train_mod.clip_gradients
+    real = loop.clip_gradients
 
     def spy(params, max_norm, mode):
         out = real(params, max_norm, mode)
         seen.append((mode, max(float(p.grad.norm()) for p in params if p.grad is not None)))
         return out
 
-    monkeypatch.setattr(train_mod, "clip_gradients", spy)
+    monkeypatch.setattr(loop, "clip_gradients", spy)
     cfg = load_config(config="dino_tiny_builtin", overrides=tiny_overrides(
-        tiny_folder, tmp_path, "optim.clip_grad=1e-3", "optim.clip_mode=per_param", "optim.decay_groups=dino",
-        "optim.scale_min_lr=false", "optim.min_lr=1e-6"))
-    trainer = train_mod.Trainer(cfg)
+        tiny_folder, tmp_path, "optim.clip_grad=0.001", "optim.clip_mode=per_param", "optim.decay_groups=dino",
+        "optim.scale_min_lr=false", "optim.min_lr=0.000001"))
+    trainer = loop.Trainer(cfg)
     assert trainer.min_lr == 1e-6, "scale_min_lr=false: min_lr is absolute, as DINO's cosine_scheduler"
-    batch = train_mod._to_device(next(iter(trainer.train_loader)), trainer.device)
+    batch = to_device(next(iter(trainer.train_loader)), trainer.device)
     trainer.train_step(batch, 0)
     trainer.close()
     assert seen and seen[0][0] == "per_param" and seen[0][1] <= 1e-3 * (1 + 1e-6)  # float32 rounding
@@ -385,9 +386,9 @@ OFFICIAL = {
     "maskedkd_deits_deitb": {
         "epochs": 300, "model.arch": "vit_small", "data.batch_size": 128, "optim.lr": 2.5e-4, "optim.min_lr": 1e-5,
         "optim.scale_min_lr": False, "optim.warmup_epochs": 5, "optim.weight_decay": 0.05, "optim.clip_grad": 0.0,
-        "optim.decay_groups": "timm", "method.teacher_arch": "vit_base", "method.teacher_keep": 98.0,
+        "optim.decay_groups": "timm", "method.teacher.arch": "vit_base", "method.teacher_keep": 98.0,
         "method.distillation": "soft", "method.alpha": 0.5, "method.tau": 1.0, "method.label_smoothing": 0.1},
-    "maskedkd_deits_deit3b": {"method.teacher_arch": "deit3_base_patch16_224", "method.teacher_keep": 98.0},
+    "maskedkd_deits_deit3b": {"method.teacher.arch": "deit3_base_patch16_224", "method.teacher_keep": 98.0},
     # MaskDistill appendix table (no official code): BEiT-family conventions
     "maskdistill_vitb16_clip": {
         "epochs": 300, "optim.lr": 1.875e-4, "optim.min_lr": 1e-5, "optim.scale_min_lr": False,
