@@ -423,3 +423,22 @@ def test_every_paper_recipe_cites_its_source():
     for recipe in OFFICIAL:
         head = open(os.path.join(RECIPE_DIR, recipe + ".yaml")).read().split("\nmethod:")[0]
         assert any(s in head for s in ("README", "main_", "table", "Source", "appendix")), recipe
+
+
+@pytest.mark.parametrize("mode", ["attmask_high", "attmask_hint"])
+def test_batch_ratio_and_tied_hints_keep_one_mask_kernel(mode, monkeypatch):
+    """The official per-batch ratio and tied hint count are still one fused mask-kernel launch, and the
+    whole policy call launches no more kernels than fastmask's per-image variants."""
+    from helpers import launched_kernels
+
+    from fastmask.masking import build_mask_policy
+
+    monkeypatch.setenv("FASTMASK_BACKEND", "triton")
+    attn = torch.rand(16, 49, generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for per, hint in (("batch", "tied"), ("sample", "independent")):
+        policy = build_mask_policy(mode, ratio_per=per, hint_count=hint)
+        names = launched_kernels(lambda: policy(16, (7, 7), cls_attn=attn, generator=torch.Generator().manual_seed(1)))
+        assert len([n for n in names if n.startswith("triton:")]) == 1, names
+        counts[per] = len(names)
+    assert counts["batch"] <= counts["sample"], counts

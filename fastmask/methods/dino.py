@@ -15,8 +15,9 @@ Masking options (``student_mask``):
 * ``attmask_high`` / ``attmask_low`` / ``attmask_hint`` — AttMask ("What to Hide from Your Students",
   Kakogeorgiou et al., ECCV 2022) applied to DINO: the teacher's last-layer CLS attention of each
   global view (returned by ``fastmask.ops.attention`` during the teacher's forward — no extra
-  forward) chooses which tokens the student does not see; per-sample ratio r ~ U(0.1, 0.5), each
-  image masked with probability 0.5, hints reveal a few of the most attended tokens.
+  forward) chooses which tokens the student does not see; as in AttMask's code one ratio
+  r ~ U(0.1, 0.5) per batch shared by both global views (``attmask_ratio_per``), each image masked with
+  probability 0.5, hints reveal int(0.1 * r * N) of the most attended tokens (``attmask_hint_count``).
 * ``none`` — plain DINO.
 """
 from __future__ import annotations
