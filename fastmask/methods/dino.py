@@ -54,6 +54,7 @@ class DINOConfig:
     center_momentum: float = 0.9
     num_global_crops: int = 2
     fused_loss: bool = True  # fastmask.ops.sdist_loss: no [rows, K] float32 tensor saved (same loss)
+    fuse_last_layer: bool = False  # the loss applies the head's last layer slice by slice: no student logits
     # masking of the student's global views
     student_mask: str = "random"  # none | random | attmask_high | attmask_low | attmask_hint
     student_mask_mode: str = "mask_token"  # mask_token | drop (drop: random masking only)
@@ -206,9 +207,13 @@ class DINO(SelfDistillation):
                 ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * len(locals_)
             else:
                 masks = list(global_masks) + [None] * len(locals_)
-        s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep)
+        s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep, head_on_cls=not m.fuse_last_layer)
         temp = self.teacher_temp(state)
-        loss = self.loss_fn(s_out.cls, t_out.cls, temp)
+        s_cls = s_out.cls
+        if m.fuse_last_layer:
+            head = self.student.head
+            s_cls = (head.project(s_cls), head.last_layer.weight)
+        loss = self.loss_fn(s_cls, t_out.cls, temp)
         metrics = {"teacher_temp": temp}
         if mask_frac is not None:
             metrics["mask_ratio"] = mask_frac

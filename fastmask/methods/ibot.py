@@ -65,6 +65,7 @@ class IBOTConfig:
     # student patch head on: masked = the masked tokens only (one device sync for their count);
     # all = every token (the official code); auto = masked unless the head has BatchNorm
     patch_head: str = "auto"
+    fuse_last_layer: bool = False  # the loss applies the head's last layer slice by slice (masked patch head only)
     # masking of the student's global views
     mask: str = "block"  # block | random | attmask_high | attmask_low | attmask_hint
     mask_ratio: Tuple[float, float] = (0.1, 0.5)  # per-sample ratio ~ U(a, b) (iBOT: 0.3 +- 0.2)
@@ -102,6 +103,8 @@ class IBOTConfig:
             raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
         if self.patch_head not in PATCH_HEADS:
             raise ValueError(f"patch_head must be one of {PATCH_HEADS}, got {self.patch_head!r}")
+        if self.fuse_last_layer and (self.patch_head == "all" or self.head_use_bn):
+            raise ValueError("fuse_last_layer needs the masked patch head (patch_head auto/masked, no head BatchNorm)")
         if self.patch_head == "masked" and self.head_use_bn:
             raise ValueError("patch_head=masked with head_use_bn: BatchNorm's statistics over the masked tokens "
                              "differ from those over all tokens; use patch_head=auto or all")
@@ -163,18 +166,28 @@ class IBOT(SelfDistillation):
             # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
             masks = [torch.zeros(g.shape[0], math.prod(backbone.grid_for(tuple(g.shape[-2:]))),
                                  dtype=torch.bool, device=g.device) for g in globals_]
-        s_glob = self.student(globals_, masks=masks, return_patch=True, head_on_patch=not self.masked_patch_head)
+        fuse = m.fuse_last_layer
+        s_glob = self.student(globals_, masks=masks, return_patch=True, head_on_patch=not self.masked_patch_head,
+                              head_on_cls=not fuse)
         s_cls = s_glob.cls
         if locals_:
             # Local views: clean, CLS only (no patch loss on them, as in iBOT).
-            s_cls = torch.cat([s_cls, self.student(locals_).cls])
+            s_cls = torch.cat([s_cls, self.student(locals_, head_on_cls=not fuse).cls])
+        head = self.student.head
+        if fuse:
+            s_cls = (head.project(s_cls), head.last_layer.weight)
         temp, patch_temp = self.temperatures(state)
         all_masks = torch.cat(masks)
         s_patch, masked_ids = torch.cat(s_glob.patch), None
         if self.masked_patch_head:
             # The patch loss reads the masked tokens only: the head runs on those [M, D] alone.
             masked_ids = masked_token_ids(all_masks)
-            s_patch = self.student.head.forward_patch(gather_rows(s_patch, masked_ids))
+            s_patch = gather_rows(s_patch, masked_ids)
+            if fuse:
+                layer = head.last_layer if head.last_layer2 is None else head.last_layer2
+                s_patch = (head.project(s_patch), layer.weight)
+            else:
+                s_patch = head.forward_patch(s_patch)
         loss, parts = self.loss_fn(s_cls, s_patch, t_out.cls, torch.cat(t_out.patch),
                                    all_masks, temp, patch_temp, masked_ids=masked_ids)
         parts["mask_ratio"] = all_masks.float().mean()
