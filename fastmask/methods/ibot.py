@@ -9,8 +9,9 @@ Masking (``mask``): ``block`` (iBOT's default, BEiT-style blocks), ``random``, o
 Hide from Your Students", ECCV 2022) ``attmask_high`` / ``attmask_low`` / ``attmask_hint``: the
 tokens are ranked by the teacher's last-layer CLS attention on the same global view.  The map comes
 out of ``fastmask.ops.attention`` inside the teacher's forward (``return_cls_attn``): the teacher runs
-first and there is no extra forward.  Every policy draws a per-sample ratio r ~ U(mask_ratio) and
-masks each image with probability ``mask_prob`` (0.5).
+first and there is no extra forward.  Every policy draws a ratio r ~ U(mask_ratio) (once per batch
+for AttMask, per image for block/random: ``ratio_per``) and masks each image with probability
+``mask_prob`` (0.5).
 
 Only the masked tokens enter the patch loss (~15% of them at the defaults), so the student's patch
 head runs on those alone (``patch_head``): the same loss and gradients for ~1/6 of the head's
@@ -27,8 +28,9 @@ from typing import Tuple
 import torch
 
 from .base import SelfDistillation, StepState
-from .dino import build_student_masks, make_policy
-from .losses import IBOTLoss, gather_rows, masked_token_ids, teacher_temperature
+from .dino import build_student_masks, check_attmask_options, make_policy
+from .losses import IBOTLoss, gather_rows, masked_token_ids
+from .schedules import teacher_temp_at
 
 __all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES", "PATCH_HEADS"]
 
@@ -72,7 +74,16 @@ class IBOTConfig:
     block_min_patches: int = 16  # block-wise masking: smallest block
     block_aspect: Tuple[float, float] = (0.3, 1 / 0.3)
     show_max: float = 0.1  # AttMask-Hint
-    show_ratio: Tuple[float, float] = (0.01, 0.05)
+    show_ratio: Tuple[float, float] = (0.01, 0.05)  # AttMask-Hint with hint_count=independent
+    # "auto": AttMask policies draw one ratio per batch (main_attmask.py), block/random one per image
+    # and view (iBOT's ImageFolderMask); "batch" / "sample" force one.
+    ratio_per: str = "auto"
+    hint_count: str = "tied"  # AttMask-Hint: int(show_max * ratio * N) revealed (attmask.py) | independent
+    # "linspace": final temperatures at epoch warmup - 1 (iBOTLoss); "linear": fastmask's earlier ramp
+    teacher_temp_warmup: str = "linspace"
+    # iBOTLoss: the patch temperature stays at its warm-up value until pred_start_epoch
+    # (mask_start_epoch here) and warms up from there; False: from epoch 0 like the CLS temperature.
+    patch_temp_from_mask_start: bool = True
 
     def __post_init__(self):
         if self.mask not in MASK_POLICIES:
@@ -97,6 +108,12 @@ class IBOTConfig:
         if self.patch_head == "masked" and self.head_use_bn:
             raise ValueError("patch_head=masked with head_use_bn: BatchNorm's statistics over the masked tokens "
                              "differ from those over all tokens; use patch_head=auto or all")
+        check_attmask_options(self.ratio_per, self.hint_count, self.teacher_temp_warmup)
+
+    def policy_ratio_per(self) -> str:
+        if self.ratio_per != "auto":
+            return self.ratio_per
+        return "batch" if self.mask.startswith("attmask") else "sample"
 
 
 class IBOT(SelfDistillation):
@@ -117,18 +134,20 @@ class IBOT(SelfDistillation):
                                 center_momentum_patch=m.center_momentum_patch,
                                 lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, fused=m.fused_loss)
         self.masked_patch_head = m.patch_head == "masked" or (m.patch_head == "auto" and not m.head_use_bn)
-        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob)
+        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob, ratio_per=m.policy_ratio_per())
         if m.mask == "block":
             kw.update(min_num_patches=m.block_min_patches, aspect_ratio=tuple(m.block_aspect))
         elif m.mask == "attmask_hint":
-            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio))
+            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio), hint_count=m.hint_count)
         self.policy = make_policy(m.mask, **kw)
 
     def temperatures(self, state: StepState):
         m = self.mcfg
-        return (teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs),
-                teacher_temperature(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
-                                    m.warmup_teacher_temp_epochs))
+        start = m.mask_start_epoch if m.patch_temp_from_mask_start else 0
+        return (teacher_temp_at(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs,
+                                rule=m.teacher_temp_warmup),
+                teacher_temp_at(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
+                                m.warmup_teacher_temp_epochs, rule=m.teacher_temp_warmup, start_epoch=start))
 
     def training_step(self, batch, state: StepState):
         crops, _ = batch
