@@ -1,8 +1,11 @@
 """fastmask's public drop-in ops (autograd-aware).
 
 Every op checks its inputs, picks a backend for the call (see ``fastmask._backend``: ``cuda`` ->
-``triton`` -> ``torch``, or the one forced with ``backend=`` / ``FASTMASK_BACKEND``) and runs it.
-The PyTorch reference in ``fastmask.reference`` is the specification all backends match.
+``triton`` -> ``torch``, or the one forced with ``backend=`` / ``FASTMASK_BACKEND``) and makes one call
+into its registered operator ``torch.ops.fastmask.<op>`` (``fastmask/library.py``: one schema for every
+backend, fakes, autograd), so ``torch.compile(fullgraph=True)``, ``torch.export``, FakeTensor and CUDA
+graphs see through it.  The PyTorch reference in ``fastmask.reference`` is the specification all
+backends match.  Random ops take their seed as a device tensor (``fastmask.philox.seed_tensor``).
 
 Conventions: masks are ``torch.bool`` with True = hidden; index tensors are int64; kept-index rows
 produced by fastmask are sorted ascending.  Bad input raises ``ValueError``/``TypeError`` naming the
@@ -12,25 +15,25 @@ the device; ``set_value_checks(False)`` turns them off for production loops once
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import reference
+from . import library, reference
 from ._backend import backends, select  # noqa: F401  (re-exported)
 from .flops import register_cpu_sdpa_flops
-from .philox import draw_seed
+from .philox import seed_tensor
 from .reference import MaskedTokens
 
 __all__ = [
+    "KeptTokens",
     "MaskedTokens",
     "apply_mask_token",
     "attention",
     "backends",
     "cls_attention_mask",
     "gather_tokens",
+    "random_keep",
     "random_masking",
     "scatter_tokens",
     "set_value_checks",
@@ -124,13 +127,6 @@ def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=N
         raise ValueError(f"{name} must lie in [0, {upper}, got {value}")
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(module: str):
-    # Imported on first use (triton is only needed by its backends); cached, since launch-bound ops
-    # pay this on every call.
-    return importlib.import_module(f"fastmask.kernels.{module}")
-
-
 # --------------------------------------------------------------------------------------------
 # token gather / scatter / masking
 # --------------------------------------------------------------------------------------------
@@ -161,10 +157,7 @@ def gather_tokens(
     _check_same_device("x", x, ids=ids)
     _check_ids(ids, x.shape[0], x.shape[1])
     _check_pos_embed(pos_embed, x)
-    name = select("gather_tokens", x.device, backend)
-    if name == "torch":
-        return reference.gather_tokens(x, ids, pos_embed)
-    return _kernels("token_gather").gather_tokens(x, ids, pos_embed, backend=name)
+    return library.gather_tokens(x, ids, pos_embed, select("gather_tokens", x.device, backend))
 
 
 def scatter_tokens(
@@ -191,10 +184,7 @@ def scatter_tokens(
         if not isinstance(fill, torch.Tensor) or fill.numel() != x_kept.shape[2] or fill.dim() not in (1, 2, 3):
             raise ValueError(f"fill must be a tensor of D={x_kept.shape[2]} values ([D], [1, D] or [1, 1, D])")
         _check_float("fill", fill)
-    name = select("scatter_tokens", x_kept.device, backend)
-    if name == "torch":
-        return reference.scatter_tokens(x_kept, ids, num_tokens, fill)
-    return _kernels("token_gather").scatter_tokens(x_kept, ids, num_tokens, fill, backend=name)
+    return library.scatter_tokens(x_kept, ids, num_tokens, fill, select("scatter_tokens", x_kept.device, backend))
 
 
 def apply_mask_token(
@@ -215,10 +205,55 @@ def apply_mask_token(
         raise ValueError(f"mask_token must be a tensor of D={x.shape[2]} values")
     _check_float("mask_token", mask_token)
     _check_same_device("x", x, mask=mask, mask_token=mask_token)
-    name = select("apply_mask_token", x.device, backend)
-    if name == "torch":
-        return reference.apply_mask_token(x, mask, mask_token)
-    return _kernels("token_gather").apply_mask_token(x, mask, mask_token.reshape(-1), backend=name)
+    return library.apply_mask_token(x, mask, mask_token, select("apply_mask_token", x.device, backend))
+
+
+class KeptTokens(NamedTuple):
+    """Result of ``random_keep``: which tokens a row keeps, as indices and as a mask.
+
+    ids_keep:    [B, K] int64, sorted ascending
+    mask:        [B, N] bool, True = hidden (dropped)
+    ids_restore: [B, N] int64, as in ``MaskedTokens``
+    """
+
+    ids_keep: torch.Tensor
+    mask: torch.Tensor
+    ids_restore: torch.Tensor
+
+
+def _check_count(name: str, value, low: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def random_keep(
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Union[int, torch.Tensor, None] = None,
+    device=None,
+    backend: Optional[str] = None,
+) -> KeptTokens:
+    """MAE's random token choice alone: keep ``K = int(N*(1-mask_ratio))`` tokens per row uniformly at
+    random and return ``KeptTokens(ids_keep, mask, ids_restore)`` together, so token-drop (ids) and
+    mask-token (mask) users need no conversion between them.  The same choice as ``random_masking``
+    for the same seed.  ``seed``: an int or a one-element int64 tensor on ``device``; else drawn on the
+    device from ``generator`` (no host sync, so a replayed CUDA graph draws a new choice each replay).
+    """
+    _check_count("batch_size", batch_size)
+    _check_count("num_tokens", num_tokens)
+    _check_ratio("mask_ratio", mask_ratio, batch_size)
+    if isinstance(mask_ratio, torch.Tensor):
+        raise TypeError("mask_ratio must be a float for random_keep (K is the same for every row)")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    device = torch.device(device)
+    seed_t = seed_tensor(generator, seed, device)
+    keep = reference.keep_count(num_tokens, mask_ratio)
+    name = select("random_keep", device, backend)
+    return KeptTokens(*library.random_keep(seed_t, batch_size, num_tokens, keep, name))
 
 
 def random_masking(
@@ -226,15 +261,17 @@ def random_masking(
     mask_ratio: float,
     *,
     generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    seed: Union[int, torch.Tensor, None] = None,
     pos_embed: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> MaskedTokens:
     """MAE-style random masking: keep ``K = int(N*(1-mask_ratio))`` tokens per row uniformly at random.
 
-    The random choice comes from Philox keyed by ``seed`` (or a seed drawn from ``generator``, or from
-    torch's default generator), identical on every backend.  ``pos_embed`` is added to the kept tokens
-    as in ``gather_tokens``.  Returns ``MaskedTokens(x_kept, mask, ids_keep, ids_restore)``.
+    The random choice comes from Philox keyed by ``seed`` (an int or a one-element int64 tensor; else
+    a seed drawn on x's device from ``generator``, or from that device's default generator), identical
+    on every backend.  ``pos_embed`` is added to the kept tokens as in ``gather_tokens``.  Returns
+    ``MaskedTokens(x_kept, mask, ids_keep, ids_restore)``: the operators ``random_keep`` then
+    ``gather_tokens``.
     """
     _check_tensor("x", x, 3, "[B, N, D]")
     _check_float("x", x)
@@ -242,15 +279,11 @@ def random_masking(
     if isinstance(mask_ratio, torch.Tensor):
         raise TypeError("mask_ratio must be a float for random_masking (K is the same for every row)")
     _check_pos_embed(pos_embed, x)
-    seed = draw_seed(generator, seed)
-    name = select("random_masking", x.device, backend)
-    if name == "torch":
-        return reference.random_masking(x, mask_ratio, seed, pos_embed)
     B, N, _ = x.shape
-    keep = reference.keep_count(N, mask_ratio)
-    mod = _kernels("token_gather")
-    ids_keep, mask, ids_restore = mod.random_keep(B, N, keep, seed, x.device, backend=name)
-    x_kept = mod.gather_tokens(x, ids_keep, pos_embed, backend=name)
+    name = select("random_masking", x.device, backend)
+    seed_t = seed_tensor(generator, seed, x.device)
+    ids_keep, mask, ids_restore = library.random_keep(seed_t, B, N, reference.keep_count(N, mask_ratio), name)
+    x_kept = library.gather_tokens(x, ids_keep, pos_embed, name)
     return MaskedTokens(x_kept, mask, ids_keep, ids_restore)
 
 
@@ -286,35 +319,17 @@ def attention(
         raise ValueError(f"num_prefix_tokens must be an int in [1, L={q.shape[2]}], got {num_prefix_tokens!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
-    name = select("attention", q.device, backend)
-    if name == "torch":
-        return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
-    return _kernels("cls_attention").attention(
-        q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
-    )
-
-
-register_cpu_sdpa_flops()  # the torch backend below runs SDPA: CPU FLOP counts must see it
-
-
-def _torch_attention(q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int):
-    """The ``torch`` backend: ``reference.attention``'s result without its [B, H, L, L] matrix.
-
-    ``out`` comes from ``F.scaled_dot_product_attention`` (PyTorch's fused kernels on CPU and GPU; the
-    math one inside ``sdpa_kernel(MATH)``, which double backward needs), the CLS map from the score
-    row of query 0 alone ([B, H, 1, L] in float32).  Autocast is off, as in the reference: the map is
-    float32 and ``out`` keeps the inputs' dtype.
-    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    with torch.autocast(q.device.type, enabled=False):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        if not return_cls_attn:
-            return out
-        with torch.no_grad():
-            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
-            cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
-    return out, cls_attn
+    out, cls_attn, _ = library.attention(
+        q, k, v, float(scale), bool(return_cls_attn), num_prefix_tokens, select("attention", q.device, backend)
+    )
+    if not return_cls_attn:
+        return out
+    return out, cls_attn.detach()  # the map carries no gradient (the contract)
+
+
+register_cpu_sdpa_flops()  # the torch backend runs SDPA: CPU FLOP counts must see it
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,19 +354,15 @@ def topk_tokens(
     N = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= N:
         raise ValueError(f"k must be an int in [0, N={N}], got {k!r}")
-    name = select("topk_tokens", scores.device, backend)
-    if name == "torch":
-        return reference.topk_tokens(scores, k, largest)
-    return _kernels("topk_mask").topk_tokens(scores, k, largest, backend=name)
+    return library.topk_tokens(scores, k, bool(largest), select("topk_tokens", scores.device, backend))
 
 
-def _ratio_or_count(ratio: Union[float, torch.Tensor], num_tokens: int) -> Tuple[Optional[torch.Tensor], int]:
-    """A per-row ratio tensor goes to the kernels as it is (they compute floor(float64(r) * N) per row,
-    sparing four elementwise launches); a float becomes one count for every row, as in
-    ``reference.counts_per_row``."""
+def _per_row_or_float(ratio: Union[float, torch.Tensor, None]) -> Tuple[Optional[torch.Tensor], float]:
+    """The schema's two slots for a ratio: a per-row [B] tensor (the kernels compute
+    floor(float64(r) * N) per row, sparing four elementwise launches), or one float for every row."""
     if isinstance(ratio, torch.Tensor):
-        return ratio, 0
-    return None, int(ratio * num_tokens)
+        return ratio, 0.0
+    return None, float(ratio or 0.0)
 
 
 def cls_attention_mask(
@@ -393,21 +404,11 @@ def cls_attention_mask(
             max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
             if int(max_shown * N) > int(show_max * N):
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
-    seed = draw_seed(generator, seed)
     name = select("cls_attention_mask", cls_attn.device, backend)
-    if name == "torch":
-        return reference.cls_attention_mask(cls_attn, ratio, seed, mode, mask_prob, show_max, show_ratio)
-    ratio_per_row, num_masked = _ratio_or_count(ratio, N)
-    show_per_row, num_shown = _ratio_or_count(show_ratio if mode == "hint" else 0.0, N)
-    return _kernels("topk_mask").cls_attention_mask(
-        cls_attn,
-        ratio_per_row,
-        seed,
-        mode=mode,
-        gate_threshold=reference.gate_threshold(mask_prob),
-        num_candidates=int(show_max * N),
-        show_ratio=show_per_row,
-        num_masked=num_masked,
-        num_shown=num_shown,
-        backend=name,
+    seed_t = seed_tensor(generator, seed, cls_attn.device)
+    ratio_per_row, ratio_value = _per_row_or_float(ratio)
+    show_per_row, show_value = _per_row_or_float(show_ratio if mode == "hint" else None)
+    return library.cls_attention_mask(
+        cls_attn, ratio_per_row, ratio_value, seed_t, mode, float(mask_prob), float(show_max),
+        show_per_row, show_value, name,
     )
