@@ -383,8 +383,7 @@ attention = _define(
 
 
 def _attention_backward_fake(dout, q, k, v, out, lse, scale, need_dq, need_dkdv, backend):
-    empty = q.new_empty(0)
-    grad = lambda need: q.new_empty(q.shape) if need else empty  # noqa: E731
+    grad = lambda need: q.new_empty(q.shape if need else (0,))  # noqa: E731
     return grad(need_dq), grad(need_dkdv), grad(need_dkdv)
 
 
@@ -392,8 +391,8 @@ def _attention_backward_impl(dout, q, k, v, out, lse, scale: float, need_dq: boo
     if backend != "triton":
         raise ValueError(f"attention_backward: backend {backend!r} has no kernel (the torch backend differentiates in torch)")
     dq, dk, dv = _kernels("cls_attention").attention_backward(dout, q, k, v, out, lse, scale, need_dq, need_dkdv)
-    empty = q.new_empty(0)
-    return (empty if dq is None else dq), (empty if dk is None else dk), (empty if dv is None else dv)
+    # Gradients not asked for are empty tensors (a schema cannot return None); each its own.
+    return tuple(q.new_empty(0) if g is None else g for g in (dq, dk, dv))
 
 
 attention_backward = _define(
