@@ -435,3 +435,21 @@ def _attention_backward(ctx, dout, _grad_cls, _grad_lse):
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _register_attention_flops() -> None:
+    """``FlopCounterMode`` counts ``fastmask::attention`` (and its Triton backward) as SDPA: the same
+    shapes, the same formulas (it cannot see inside an operator)."""
+    from torch.utils import flop_counter
+
+    @flop_counter.register_flop_formula(torch.ops.fastmask.attention)
+    def _forward(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    @flop_counter.register_flop_formula(torch.ops.fastmask.attention_backward)
+    def _backward(dout_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(dout_shape, q_shape, k_shape, v_shape)
+
+
+_register_attention_flops()
+
