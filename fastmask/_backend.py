@@ -29,6 +29,7 @@ OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "attention": ("triton", "torch"),
     "topk_tokens": ("cuda", "triton", "torch"),
     "cls_attention_mask": ("cuda", "triton", "torch"),
+    "sdist_loss": ("triton", "torch"),
 }
 
 
@@ -79,7 +80,8 @@ def _probe(name: str) -> Tuple[bool, str]:
 
 
 def backends() -> Dict[str, Dict[str, object]]:
-    """What each backend can do here: ``{name: {"available": bool, "reason": str, "ops": [...]}}``."""
+    """What each backend can do here: ``{name: {"available": bool, "reason": str, "ops": [...]}}``, plus
+    ``"dispatch"``: the measured choices so far, ``{fingerprint: {key: {"choice", "seconds"}}}``."""
     out = {}
     for name in BACKENDS:
         ok, why = _probe(name)
@@ -91,6 +93,9 @@ def backends() -> Dict[str, Dict[str, object]]:
     forced = os.environ.get("FASTMASK_BACKEND")
     if forced:
         out["forced"] = forced
+    from .dispatch import report  # measured choices per key (fastmask.dispatch)
+
+    out["dispatch"] = report()
     return out
 
 

@@ -349,29 +349,54 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int):
-    """The torch backend: ``out`` from ``F.scaled_dot_product_attention``, the CLS map from the score
-    row of query 0 alone ([B, H, 1, L] in float32), so the [B, H, L, L] matrix is never built."""
+# Attention implementations besides the backends, for measured dispatch (``fastmask.dispatch``): SDPA
+# pinned to one of its backends, the CLS map from the one-launch Triton CLS-row kernel.
+SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
+
+
+def _sdpa(q, k, v, scale: float, sdpa_backend: Optional[str]):
+    if sdpa_backend is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, sdpa_backend)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int,
+                     sdpa_backend: Optional[str] = None, cls_kernel: bool = False):
+    """The torch backend: ``out`` from ``F.scaled_dot_product_attention`` (pinned to ``sdpa_backend``
+    when given), the CLS map from the score row of query 0 alone ([B, H, 1, L] in float32; or from the
+    Triton CLS-row kernel with ``cls_kernel``), so the [B, H, L, L] matrix is never built."""
     B, H, L, Dh = q.shape
     with _autocast_off(q.device.type):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
-        if return_cls_attn:
+        out = _sdpa(q, k, v, scale, sdpa_backend).contiguous()
+        if not return_cls_attn:
+            cls_attn = q.new_empty(B, 0, dtype=torch.float32)
+        elif cls_kernel:
+            cls_attn = _kernels("cls_row").cls_row(q, k, scale, num_prefix_tokens)
+        else:
             row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
             cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
-        else:
-            cls_attn = q.new_empty(B, 0, dtype=torch.float32)
     return out, cls_attn, q.new_empty(0, dtype=torch.float32)
 
 
 def _attention_impl(q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int, backend: str):
     if backend == "torch":
         return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens)
+    if backend in SDPA_BACKENDS:
+        from ._backend import _can_run
+
+        cls_kernel = return_cls_attn and _can_run("triton", "attention", q.device)[0]
+        return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens, SDPA_BACKENDS[backend], cls_kernel)
     if backend == "triton":
         out, lse, cls_attn = _kernels("cls_attention").attention_forward(q, k, v, scale, return_cls_attn, num_prefix_tokens)
         if cls_attn is None:
             cls_attn = q.new_empty(q.shape[0], 0, dtype=torch.float32)
         return out, cls_attn, lse
-    raise ValueError(f"attention: backend {backend!r} has no attention kernel; expected 'torch' or 'triton'")
+    raise ValueError(f"attention: unknown implementation {backend!r}; expected 'torch', 'triton' or one of "
+                     f"{tuple(SDPA_BACKENDS)}")
 
 
 attention = _define(
@@ -427,7 +452,7 @@ def _torch_attention_grads(dout, q, k, v, scale: float):
 def _attention_backward(ctx, dout, _grad_cls, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    if ctx.backend == "torch":
+    if ctx.backend != "triton":  # torch and the SDPA implementations
         dq, dk, dv = _torch_attention_grads(dout, q, k, v, ctx.scale)
     else:
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, need_q, need_k or need_v, ctx.backend)

@@ -19,11 +19,12 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import library, reference
-from ._backend import backends, select  # noqa: F401  (re-exported)
+from . import dispatch, library, reference
+from ._backend import OP_BACKENDS, _can_run, backends, select  # noqa: F401  (re-exported)
 from .flops import register_cpu_sdpa_flops
 from .philox import seed_tensor
 from .reference import MaskedTokens
+from .sdist import sdist_loss, sdist_loss_linear  # noqa: F401  (self-distillation loss ops, fastmask/sdist.py)
 
 __all__ = [
     "KeptTokens",
@@ -127,6 +128,20 @@ def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=N
         raise ValueError(f"{name} must lie in [0, {upper}, got {value}")
 
 
+def _measured(op: str, name: str, backend: Optional[str], device: torch.device, tensors, flags, run,
+              grad_tensors=()) -> str:
+    """Measured dispatch among the backends that can run ``op`` here (see ``fastmask.dispatch``);
+    ``run(impl, *grad_tensors)`` calls the op with ``backend=impl``.  A forced backend is kept."""
+    if dispatch.forced(backend):
+        return name
+    candidates = tuple(n for n in OP_BACKENDS[op] if _can_run(n, op, device)[0])
+
+    def run_unchecked(impl, *ts):
+        with value_checks(False):  # checked once already; timing must not sync
+            return run(impl, *ts)
+    return dispatch.choose_backend(op, name, device, tensors, flags, candidates, run_unchecked, grad_tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # token gather / scatter / masking
 # --------------------------------------------------------------------------------------------
@@ -157,7 +172,10 @@ def gather_tokens(
     _check_same_device("x", x, ids=ids)
     _check_ids(ids, x.shape[0], x.shape[1])
     _check_pos_embed(pos_embed, x)
-    return library.gather_tokens(x, ids, pos_embed, select("gather_tokens", x.device, backend))
+    name = select("gather_tokens", x.device, backend)
+    name = _measured("gather_tokens", name, backend, x.device, (x, ids, pos_embed), (),
+                     lambda impl, x_, p_: gather_tokens(x_, ids, pos_embed=p_, backend=impl), (x, pos_embed))
+    return library.gather_tokens(x, ids, pos_embed, name)
 
 
 def scatter_tokens(
@@ -184,7 +202,10 @@ def scatter_tokens(
         if not isinstance(fill, torch.Tensor) or fill.numel() != x_kept.shape[2] or fill.dim() not in (1, 2, 3):
             raise ValueError(f"fill must be a tensor of D={x_kept.shape[2]} values ([D], [1, D] or [1, 1, D])")
         _check_float("fill", fill)
-    return library.scatter_tokens(x_kept, ids, num_tokens, fill, select("scatter_tokens", x_kept.device, backend))
+    name = select("scatter_tokens", x_kept.device, backend)
+    name = _measured("scatter_tokens", name, backend, x_kept.device, (x_kept, ids, fill), (num_tokens,),
+                     lambda impl, x_, f_: scatter_tokens(x_, ids, num_tokens, f_, backend=impl), (x_kept, fill))
+    return library.scatter_tokens(x_kept, ids, num_tokens, fill, name)
 
 
 def apply_mask_token(
@@ -205,7 +226,10 @@ def apply_mask_token(
         raise ValueError(f"mask_token must be a tensor of D={x.shape[2]} values")
     _check_float("mask_token", mask_token)
     _check_same_device("x", x, mask=mask, mask_token=mask_token)
-    return library.apply_mask_token(x, mask, mask_token, select("apply_mask_token", x.device, backend))
+    name = select("apply_mask_token", x.device, backend)
+    name = _measured("apply_mask_token", name, backend, x.device, (x, mask, mask_token), (),
+                     lambda impl, x_, t_: apply_mask_token(x_, mask, t_, backend=impl), (x, mask_token))
+    return library.apply_mask_token(x, mask, mask_token, name)
 
 
 class KeptTokens(NamedTuple):
@@ -282,6 +306,9 @@ def random_masking(
     B, N, _ = x.shape
     name = select("random_masking", x.device, backend)
     seed_t = seed_tensor(generator, seed, x.device)
+    name = _measured("random_masking", name, backend, x.device, (x, pos_embed), (mask_ratio,),
+                     lambda impl, x_, p_: random_masking(x_, mask_ratio, seed=seed_t, pos_embed=p_, backend=impl).x_kept,
+                     (x, pos_embed))
     ids_keep, mask, ids_restore = library.random_keep(seed_t, B, N, reference.keep_count(N, mask_ratio), name)
     x_kept = library.gather_tokens(x, ids_keep, pos_embed, name)
     return MaskedTokens(x_kept, mask, ids_keep, ids_restore)
@@ -321,9 +348,27 @@ def attention(
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, cls_attn, _ = library.attention(
-        q, k, v, float(scale), bool(return_cls_attn), num_prefix_tokens, select("attention", q.device, backend)
-    )
+    scale, return_cls_attn = float(scale), bool(return_cls_attn)
+    name = select("attention", q.device, backend)
+    if not dispatch.forced(backend):
+        name = dispatch.choose_backend(
+            "attention", name, q.device, (q, k, v), (scale, return_cls_attn, num_prefix_tokens),
+            _attention_candidates(q.device),
+            lambda impl, q_, k_, v_: _run_attention(impl, q_, k_, v_, scale, return_cls_attn, num_prefix_tokens),
+            (q, k, v),
+        )
+    return _run_attention(name, q, k, v, scale, return_cls_attn, num_prefix_tokens)
+
+
+def _attention_candidates(device: torch.device) -> Tuple[str, ...]:
+    # Measured-dispatch candidates besides the backends: SDPA with one backend each (the CLS map from
+    # the one-launch CLS-row kernel where Triton runs, else from query 0's score row in torch).
+    names = tuple(n for n in ("triton", "torch") if _can_run(n, "attention", device)[0])
+    return names + (tuple(library.SDPA_BACKENDS) if device.type == "cuda" else ())
+
+
+def _run_attention(impl: str, q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int):
+    out, cls_attn, _ = library.attention(q, k, v, scale, return_cls_attn, num_prefix_tokens, impl)
     if not return_cls_attn:
         return out
     return out, cls_attn.detach()  # the map carries no gradient (the contract)
@@ -354,7 +399,10 @@ def topk_tokens(
     N = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= N:
         raise ValueError(f"k must be an int in [0, N={N}], got {k!r}")
-    return library.topk_tokens(scores, k, bool(largest), select("topk_tokens", scores.device, backend))
+    name = select("topk_tokens", scores.device, backend)
+    name = _measured("topk_tokens", name, backend, scores.device, (scores,), (k, largest),
+                     lambda impl: topk_tokens(scores, k, largest=largest, backend=impl))
+    return library.topk_tokens(scores, k, bool(largest), name)
 
 
 def _per_row_or_float(ratio: Union[float, torch.Tensor, None]) -> Tuple[Optional[torch.Tensor], float]:
@@ -406,6 +454,11 @@ def cls_attention_mask(
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
     name = select("cls_attention_mask", cls_attn.device, backend)
     seed_t = seed_tensor(generator, seed, cls_attn.device)
+    name = _measured("cls_attention_mask", name, backend, cls_attn.device,
+                     (cls_attn, *(r for r in (ratio, show_ratio) if isinstance(r, torch.Tensor))),
+                     (mode, mask_prob > 0 and mask_prob < 1, isinstance(ratio, torch.Tensor)),
+                     lambda impl: cls_attention_mask(cls_attn, ratio, mode=mode, mask_prob=mask_prob, show_max=show_max,
+                                                     show_ratio=show_ratio, seed=seed_t, backend=impl))
     ratio_per_row, ratio_value = _per_row_or_float(ratio)
     show_per_row, show_value = _per_row_or_float(show_ratio if mode == "hint" else None)
     return library.cls_attention_mask(

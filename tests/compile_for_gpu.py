@@ -19,8 +19,12 @@ must not be set (it is removed here before triton is imported).  ``tests/test_gp
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -37,6 +41,42 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Opt-in dynamic shared memory per block (bytes), from the CUDA programming guide's compute
 # capability table: what a kernel may use at most on each architecture.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Per multiprocessor (same table): registers, resident warps and blocks, shared memory, and the
+# shared memory the driver reserves per block.  Used for the estimated occupancy of each config.
+SM_LIMITS = {80: (65536, 64, 32, 167936, 1024), 86: (65536, 48, 16, 102400, 1024),
+             89: (65536, 48, 24, 102400, 1024), 90: (65536, 64, 32, 233472, 1024)}
+
+
+def _cuobjdump() -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+
+
+def resource_usage(kernel, arch: int, num_warps: int) -> dict:
+    """Registers, local memory (spills), stack and shared memory of a compiled kernel, read off its
+    cubin with cuobjdump; the matrix instructions its PTX uses; the estimated occupancy (resident
+    warps / the maximum) that registers and shared memory allow on ``arch``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = {key.lower(): int(val) for key, val in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    ptx = kernel.asm["ptx"]
+    regs, shared = usage.get("reg", 0), kernel.metadata.shared
+    max_regs, max_warps, max_blocks, sm_shared, reserved = SM_LIMITS.get(arch, SM_LIMITS[90])
+    warp_regs = -(-regs * 32 // 256) * 256  # registers are allocated per warp, 256 at a time
+    by_regs = max_regs // max(1, warp_regs * num_warps)
+    by_shared = sm_shared // (shared + reserved)
+    blocks = min(by_regs, by_shared, max_warps // num_warps, max_blocks)
+    return {
+        "registers": regs, "local_bytes": usage.get("local", 0), "stack_bytes": usage.get("stack", 0),
+        "shared_bytes": shared, "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+        "tma": ptx.count("cp.async.bulk.tensor"), "cp_async": ptx.count("cp.async.cg") + ptx.count("cp.async.ca"),
+        "occupancy": round(blocks * num_warps / max_warps, 4),
+        "limited_by": "registers" if blocks == by_regs else "shared" if blocks == by_shared else "warps",
+    }
 
 
 class _TargetOnlyDriver:
@@ -66,6 +106,7 @@ class Compiler:
         self.target = GPUTarget("cuda", arch, 32)
         self.max_shared = MAX_SHARED.get(arch)
         self.records = []  # (kernel, constexprs, num_warps, num_stages, shared bytes, seconds)
+        self.resources = []  # one dict per compile: the record's fields plus resource_usage()
         self.too_big = []
         self._fits = {}  # (kernel, specialisation key) -> fits in shared memory
         self._full_case = True  # autotuned kernels: every config for the first case only
@@ -112,11 +153,18 @@ class Compiler:
         consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.params[k[0]].is_constexpr}
         record = (fn.fn.__name__, consts, options.num_warps, options.num_stages, shared, seconds)
         self.records.append(record)
+        self.resources.append({"kernel": record[0], "num_warps": record[2], "num_stages": record[3],
+                               **{k: getattr(v, "value", v) for k, v in consts.items()
+                                  if isinstance(getattr(v, "value", v), (int, float, str, bool))},
+                               **resource_usage(kernel, self.arch, options.num_warps)})
         fits = self.max_shared is None or shared <= self.max_shared
         self._fits[seen] = self._last_fits = fits
         if not self.quiet:
             note = "" if fits else f"  > {self.max_shared} B: pruned at run time"
+            res = self.resources[-1]
             print(f"sm_{self.arch} {record[0]:<24} warps={record[2]} stages={record[3]} shared={shared:>6} B "
+                  f"regs={res['registers']:>3} local={res['local_bytes']} wgmma={res['wgmma']} "
+                  f"mma.sync={res['mma_sync']} occ={res['occupancy']:.2f} "
                   f"{seconds:5.1f} s  {_short(consts)}{note}", flush=True)
         if not fits:
             if not self._autotuning:
@@ -210,19 +258,31 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config for every case")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=("token", "topk", "attention"), default=None,
+                        help="compile only these kernel families")
+    parser.add_argument("--report", default=None, help="write every compile's resource usage to this JSON file")
     args = parser.parse_args(argv)
+    families = args.only or ("token", "topk", "attention")
+    report = {}
     start = time.perf_counter()
     total = 0
     for arch in args.arch:
         compiler = Compiler(arch, args.all_configs, args.quiet)
         compiler.install()
-        token_cases()
-        topk_cases()
-        attention_cases(compiler)
+        if "token" in families:
+            token_cases()
+        if "topk" in families:
+            topk_cases()
+        if "attention" in families:
+            attention_cases(compiler)
         total += len(compiler.records)
+        report[f"sm_{arch}"] = compiler.resources
         kernels = sorted({r[0] for r in compiler.records})
         print(f"sm_{arch}: compiled {len(compiler.records)} specialisations of {len(kernels)} kernels "
               f"({', '.join(kernels)}); {len(compiler.too_big)} autotune configs over the shared-memory limit")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=1)
     print(f"ok: {total} compiles in {time.perf_counter() - start:.0f} s")
 
 

@@ -17,9 +17,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..models.vit import _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
+from ..models.vit import _NAME_RE, _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
 
-__all__ = ["load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
+__all__ = ["load_backbone", "load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
+
+# Methods whose evaluated network is an EMA teacher (kept in the checkpoint as ``teacher.``).
+_EMA_METHODS = ("dino", "ibot")
 
 
 def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -51,6 +54,8 @@ def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     kw["qkv_bias"] = "blocks.0.attn.qkv.bias" in sd
     if "blocks.0.attn.q_norm.weight" in sd:
         kw["qk_norm"] = True
+    if "norm_pre.weight" in sd:
+        kw["pre_norm"] = True  # CLIP-style ViTs normalise before the blocks
     if "blocks.0.ls1.gamma" in sd:
         kw["init_values"] = 1e-5  # LayerScale present; its values come from the checkpoint
     head = sd.get("head.weight")
@@ -69,7 +74,12 @@ def _read(path: str):
         return load_file(path, device="cpu")
     # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors; the
     # file is the user's own.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a cut-off or foreign file
+        from .._cli import unreadable_checkpoint
+
+        raise ValueError(unreadable_checkpoint(path, e)) from e
 
 
 def load_vit_for_analysis(
@@ -79,15 +89,21 @@ def load_vit_for_analysis(
     arch: Optional[str] = None,
     num_heads: Optional[int] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
+    key: Optional[str] = None,
+    ckpt: Any = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """A ``MaskedViT`` with the weights of ``path`` (eval mode, CPU) and a description of what was loaded.
 
-    ``arch`` (a ``create_vit`` name such as ``vit_small``) sets the preset instead of shape inference;
-    ``model_kwargs`` override any architecture argument either way.
+    ``arch`` sets the architecture instead of shape inference: a preset (``vit_small``) or any timm
+    ViT/DeiT name (``vit_small_patch14_dinov2``; only patch size, resolution, depth and classifier then come from the
+    weights' shapes); ``model_kwargs`` override any architecture argument either way.  ``key`` picks the
+    entry of a non-driver checkpoint dict (DINO/iBOT ``teacher`` / ``student``); ``ckpt`` is the
+    already-read file, if the caller has it.
     """
     from ..models import MaskedViTDistilled, create_vit
 
-    ckpt = _read(path)
+    if ckpt is None:
+        ckpt = _read(path)
     info: Dict[str, Any] = {"checkpoint": os.path.abspath(path)}
     run_cfg = None
     if is_driver_checkpoint(ckpt):
@@ -95,7 +111,12 @@ def load_vit_for_analysis(
         info["format"] = f"fastmask driver checkpoint ({run_cfg.get('method')}, step {ckpt.get('step')})"
         sd, used = select_backbone_state(ckpt["method"], prefix)
     else:
-        if _is_state_dict(ckpt):
+        if key is not None:
+            if not isinstance(ckpt, dict) or not _is_state_dict(ckpt.get(key)):
+                have = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
+                raise ValueError(f"{path}: no state dict under {key!r} (keys: {have})")
+            full = ckpt[key]
+        elif _is_state_dict(ckpt):
             full = ckpt
         elif isinstance(ckpt, dict):
             full = next((ckpt[k] for k in _STATE_KEYS
@@ -104,7 +125,9 @@ def load_vit_for_analysis(
                 raise ValueError(f"{path}: no state dict found (keys: {sorted(ckpt)[:12]})")
         else:
             raise ValueError(f"{path}: expected a state dict or a checkpoint dict, got {type(ckpt).__name__}")
-        info["format"] = "state dict"
+        info["format"] = "state dict" + (f" [{key}]" if key else "")
+        # DDP's module. prefix (DINO/iBOT files: module.backbone.*) sits above any sub-module prefix.
+        full = {k[len("module."):] if k.startswith("module.") else k: v for k, v in full.items()}
         sd, used = select_backbone_state(full, prefix)
     sd = {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in sd.items()}
     if "masked_embed" in sd and "mask_token" not in sd:  # iBOT's name for the mask token
@@ -112,12 +135,42 @@ def load_vit_for_analysis(
     info["prefix"] = used
 
     kw = infer_vit_kwargs(sd)
+    if arch is not None and _NAME_RE.match(arch) is None:
+        # A timm name fixes the architecture (activation, norms, LayerScale, ...); what the weights
+        # show unambiguously (patch size, resolution, depth, classifier) still comes from them.
+        seen = {k: kw[k] for k in ("patch_size", "img_size", "depth", "num_classes") if k in kw}
+        model = create_vit(arch, **{**seen, **(model_kwargs or {})})
+        img, num_classes = int(model.patch_embed.img_size[0]), int(model.num_classes)
+        kw = dict(embed_dim=int(model.embed_dim), depth=len(model.blocks))
+        heads = int(model.blocks[0].attn.num_heads)
+        patch = int(model.patch_size[0])
+    else:
+        model, heads, patch, img, num_classes = _build_inferred(kw, sd, run_cfg, used, arch, num_heads, model_kwargs)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and k != "mask_token"]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the inferred ViT ({kw}): missing {missing[:6]}, "
+                         f"unexpected {unexpected[:6]}; pass --arch / --model-arg to fix the architecture")
+    model.load_state_dict(sd, strict=False)
+    model.eval()
+    info.update(arch=arch or "inferred", num_heads=int(heads), img_size=img, patch_size=patch, num_classes=num_classes,
+                **{k: v for k, v in kw.items() if k in ("embed_dim", "depth")})
+    if isinstance(model, MaskedViTDistilled):
+        info["distilled"] = True
+    return model, info
+
+
+def _build_inferred(kw, sd, run_cfg, used, arch, num_heads, model_kwargs):
+    """The ViT whose arguments are read off the weights (heads from the run's config or 64 per head)."""
+    from ..models import create_vit
+
     heads = num_heads
     if heads is None and run_cfg is not None:
         m = run_cfg.get("model", {})
-        mcfg = run_cfg.get("method_cfg", {}) or {}
-        if used.startswith("teacher") and mcfg.get("teacher_num_heads"):
-            heads = int(mcfg["teacher_num_heads"])
+        t_heads = _run_teacher(run_cfg).get("num_heads")
+        if used.startswith("teacher") and t_heads:
+            heads = int(t_heads)
         elif not used.startswith("teacher") and m.get("num_heads"):
             heads = int(m["num_heads"])
         elif m.get("arch"):
@@ -142,16 +195,65 @@ def load_vit_for_analysis(
     num_classes = kw.pop("num_classes")
     model = create_vit(arch or "vit_tiny", patch_size=patch, img_size=img, num_classes=num_classes,
                        distilled=distilled, **kw)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and k != "mask_token"]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the inferred ViT ({kw}): missing {missing[:6]}, "
-                         f"unexpected {unexpected[:6]}; pass --arch / --model-arg to fix the architecture")
-    model.load_state_dict(sd, strict=False)
-    model.eval()
-    info.update(arch=arch or "inferred", num_heads=int(heads), img_size=img, patch_size=patch, num_classes=num_classes,
-                **{k: v for k, v in kw.items() if k in ("embed_dim", "depth")})
-    if isinstance(model, MaskedViTDistilled):
-        info["distilled"] = True
+    return model, heads, patch, img, num_classes
+
+
+def load_backbone(path: str, which: Optional[str] = None, *, arch: Optional[str] = None,
+                  model_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(MaskedViT in eval mode, info) from a driver checkpoint (``which`` = student / teacher / any
+    sub-module prefix; default: the network the method evaluates, DINO/iBOT's EMA teacher, else the
+    student) or a timm/DeiT/DINO/iBOT file (``which`` = its entry, e.g. ``teacher``).  ``info``
+    carries ``run_config`` (the driver's config dict) when the file has one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r} (fastmask never downloads weights)")
+    ckpt = _read(path)
+    run_cfg = ckpt["config"] if is_driver_checkpoint(ckpt) else None
+    key, prefix = None, which
+    if run_cfg is not None:
+        if which is None:  # the network the method evaluates: DINO/iBOT's EMA teacher, else the student
+            prefix = "teacher" if run_cfg.get("method") in _EMA_METHODS else None
+    elif which is not None and isinstance(ckpt, dict) and which in ckpt:
+        key, prefix = which, None  # DINO/iBOT files: {'teacher': {...}, 'student': {...}, ...}
+    if prefix is not None and not prefix.endswith("."):
+        prefix += "."
+    if arch is None and run_cfg is not None:
+        name = _run_arch(run_cfg, prefix)
+        if name is not None and _is_timm_name(name):
+            arch = name
+            model_kwargs = {**_run_sizes(run_cfg, prefix), **(model_kwargs or {})}
+    model, info = load_vit_for_analysis(path, prefix=prefix, arch=arch, model_kwargs=model_kwargs, key=key, ckpt=ckpt)
+    info["run_config"] = run_cfg
+    info["which"] = key or (prefix or "").rstrip(".") or ("student" if run_cfg is not None else "model")
     return model, info
+
+
+def _run_teacher(run_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's teacher section: ``method_cfg.teacher``, or the flat ``teacher_*`` keys of older runs."""
+    mcfg = run_cfg.get("method_cfg") or {}
+    if isinstance(mcfg.get("teacher"), dict):
+        return mcfg["teacher"]
+    return {k[len("teacher_"):]: v for k, v in mcfg.items() if k.startswith("teacher_")}
+
+
+def _run_arch(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Optional[str]:
+    teacher = _run_teacher(run_cfg)
+    if prefix and prefix.startswith("teacher") and teacher.get("arch"):
+        return str(teacher["arch"])
+    return (run_cfg.get("model") or {}).get("arch")
+
+
+def _run_sizes(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Dict[str, Any]:
+    m = run_cfg.get("model") or {}
+    teacher = _run_teacher(run_cfg)
+    teacher_own = bool(prefix and prefix.startswith("teacher") and teacher.get("arch"))
+    src = {k: teacher.get(k) for k in ("depth", "embed_dim", "num_heads", "patch_size")} if teacher_own \
+        else {k: m.get(k) for k in ("depth", "embed_dim", "num_heads", "patch_size")}
+    return {k: int(v) for k, v in src.items() if v}
+
+
+def _is_timm_name(name: str) -> bool:
+    from timm.models import split_model_name_tag
+
+    from ..models.vit import vit_names
+
+    return _NAME_RE.match(name) is None and split_model_name_tag(name)[0] in vit_names()

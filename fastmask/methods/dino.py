@@ -51,6 +51,7 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
     num_global_crops: int = 2
+    fused_loss: bool = True  # fastmask.ops.sdist_loss: no [rows, K] float32 tensor saved (same loss)
     # masking of the student's global views
     student_mask: str = "random"  # none | random | attmask_high | attmask_low | attmask_hint
     student_mask_mode: str = "mask_token"  # mask_token | drop (drop: random masking only)
@@ -141,7 +142,7 @@ class DINO(SelfDistillation):
             dim, m.out_dim, use_bn=m.head_use_bn, norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
             hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim))
         self.loss_fn = DINOLoss(m.out_dim, n_global=m.num_global_crops, student_temp=m.student_temp,
-                                center_momentum=m.center_momentum)
+                                center_momentum=m.center_momentum, fused=m.fused_loss)
         self.policy = None
         if m.student_mask != "none":
             self.policy = make_policy(m.student_mask, **_policy_kwargs(m, m.student_mask))

@@ -11,6 +11,12 @@ tokens are ranked by the teacher's last-layer CLS attention on the same global v
 out of ``fastmask.ops.attention`` inside the teacher's forward (``return_cls_attn``): the teacher runs
 first and there is no extra forward.  Every policy draws a per-sample ratio r ~ U(mask_ratio) and
 masks each image with probability ``mask_prob`` (0.5).
+
+Only the masked tokens enter the patch loss (~15% of them at the defaults), so the student's patch
+head runs on those alone (``patch_head``): the same loss and gradients for ~1/6 of the head's
+compute and memory.  A head with BatchNorm normalises over the tokens it sees, so there it runs on
+all of them (``auto``).  The teacher's head still sees every token: its patch centre is the mean
+over all of them.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import torch
 
 from .base import SelfDistillation, StepState
 from .dino import build_student_masks, make_policy
-from .losses import IBOTLoss, teacher_temperature
+from .losses import IBOTLoss, gather_rows, masked_token_ids, teacher_temperature
 
-__all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES"]
+__all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES", "PATCH_HEADS"]
 
 MASK_POLICIES = ("block", "random", "attmask_high", "attmask_low", "attmask_hint")
+PATCH_HEADS = ("auto", "masked", "all")
 
 
 @dataclass
@@ -52,6 +59,10 @@ class IBOTConfig:
     lambda_cls: float = 1.0
     lambda_patch: float = 1.0
     num_global_crops: int = 2
+    fused_loss: bool = True  # fastmask.ops.sdist_loss: no [rows, K] float32 tensor saved (same loss)
+    # student patch head on: masked = the masked tokens only (one device sync for their count);
+    # all = every token (the official code); auto = masked unless the head has BatchNorm
+    patch_head: str = "auto"
     # masking of the student's global views
     mask: str = "block"  # block | random | attmask_high | attmask_low | attmask_hint
     mask_ratio: Tuple[float, float] = (0.1, 0.5)  # per-sample ratio ~ U(a, b) (iBOT: 0.3 +- 0.2)
@@ -78,6 +89,11 @@ class IBOTConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_global_crops < 1:
             raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
+        if self.patch_head not in PATCH_HEADS:
+            raise ValueError(f"patch_head must be one of {PATCH_HEADS}, got {self.patch_head!r}")
+        if self.patch_head == "masked" and self.head_use_bn:
+            raise ValueError("patch_head=masked with head_use_bn: BatchNorm's statistics over the masked tokens "
+                             "differ from those over all tokens; use patch_head=auto or all")
 
 
 class IBOT(SelfDistillation):
@@ -96,7 +112,8 @@ class IBOT(SelfDistillation):
         self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
                                 student_temp=m.student_temp, center_momentum=m.center_momentum,
                                 center_momentum_patch=m.center_momentum_patch,
-                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch)
+                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, fused=m.fused_loss)
+        self.masked_patch_head = m.patch_head == "masked" or (m.patch_head == "auto" and not m.head_use_bn)
         kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob)
         if m.mask == "block":
             kw.update(min_num_patches=m.block_min_patches, aspect_ratio=tuple(m.block_aspect))
@@ -127,15 +144,21 @@ class IBOT(SelfDistillation):
             # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
             masks = [torch.zeros(g.shape[0], math.prod(backbone.grid_for(tuple(g.shape[-2:]))),
                                  dtype=torch.bool, device=g.device) for g in globals_]
-        s_glob = self.student(globals_, masks=masks, return_patch=True)
+        s_glob = self.student(globals_, masks=masks, return_patch=True, head_on_patch=not self.masked_patch_head)
         s_cls = s_glob.cls
         if locals_:
             # Local views: clean, CLS only (no patch loss on them, as in iBOT).
             s_cls = torch.cat([s_cls, self.student(locals_).cls])
         temp, patch_temp = self.temperatures(state)
-        loss, parts = self.loss_fn(s_cls, torch.cat(s_glob.patch), t_out.cls, torch.cat(t_out.patch),
-                                   torch.cat(masks), temp, patch_temp)
-        parts["mask_ratio"] = torch.cat(masks).float().mean()
+        all_masks = torch.cat(masks)
+        s_patch, masked_ids = torch.cat(s_glob.patch), None
+        if self.masked_patch_head:
+            # The patch loss reads the masked tokens only: the head runs on those [M, D] alone.
+            masked_ids = masked_token_ids(all_masks)
+            s_patch = self.student.head.forward_patch(gather_rows(s_patch, masked_ids))
+        loss, parts = self.loss_fn(s_cls, s_patch, t_out.cls, torch.cat(t_out.patch),
+                                   all_masks, temp, patch_temp, masked_ids=masked_ids)
+        parts["mask_ratio"] = all_masks.float().mean()
         parts["teacher_temp"] = temp
         return loss, parts
 

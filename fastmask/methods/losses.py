@@ -6,19 +6,29 @@
   patch tokens hidden in the student's global view (same view, teacher on the clean image), with
   a separate center for each.
 
+Both compute the cross-entropies one of two ways, equal within float rounding (tests compare them):
+``fused=False`` builds today's ``softmax``/``log_softmax`` over every row (what the official code
+does; autograd keeps ``[rows, K]`` float32 tensors), ``fused=True`` calls ``fastmask.ops.sdist_loss``,
+which works through the rows in chunks and recomputes in backward (no ``[rows, K]`` float32 tensor
+is saved).  iBOT's patch term takes either the full ``[2B, N, K]`` student patch output or only the
+rows of the masked tokens (``masked_ids``): the loss only reads those, so the student's patch head
+needs to run on nothing else.
+
 Centers are buffers (checkpointed with the method) updated with an EMA of the batch mean of the
 teacher outputs, averaged over ranks under DDP.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOLoss", "IBOTLoss", "teacher_temperature"]
+from .. import ops
+
+__all__ = ["DINOLoss", "IBOTLoss", "masked_token_ids", "teacher_temperature"]
 
 
 def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
@@ -28,15 +38,61 @@ def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epoc
     return warmup_temp + (temp - warmup_temp) * epoch / warmup_epochs
 
 
+def masked_token_ids(masks: torch.Tensor) -> torch.Tensor:
+    """Flat positions ``[1, M]`` (ascending) of the hidden tokens of ``masks`` [R, N] in its ``[R*N]``
+    flattening: the ids ``ops.gather_tokens`` takes to pick them from tokens viewed as ``[1, R*N, D]``.
+
+    M is data-dependent, so this waits for the device once (the price of not running the head on the
+    ~85% of tokens nobody reads)."""
+    if masks.dtype != torch.bool or masks.dim() != 2:
+        raise ValueError(f"masks must be a bool tensor [R, N], got {masks.dtype} {tuple(masks.shape)}")
+    return torch.nonzero(masks.reshape(-1)).reshape(1, -1)
+
+
+def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` [1, M] of ``x`` [R, N, C] in its ``[R*N, C]`` flattening: ``[M, C]``."""
+    return ops.gather_tokens(x.reshape(1, -1, x.shape[-1]), ids)[0]
+
+
 @torch.no_grad()
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over rows, averaged over ranks (so every rank keeps the same center)."""
-    total = x.float().sum(dim=0, keepdim=True)
+    total = x.sum(dim=0, keepdim=True, dtype=torch.float32)  # no float32 copy of a bf16 x
     count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.float32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
     return total / count
+
+
+def _cross_view_weights(n_global: int, n_crops: int, device) -> torch.Tensor:
+    """[n_global, n_crops] weights of the (teacher view, student view) pairs: every pair but the same
+    view, averaged (DINO's ``total_loss / n_loss_terms``)."""
+    w = torch.ones(n_global, n_crops, device=device)
+    w[:, :n_global].fill_diagonal_(0.0)
+    return w / w.sum().clamp_min(1.0)
+
+
+def _cross_view_ce(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+                   student_temp: float, teacher_temp: float, fused: bool) -> torch.Tensor:
+    """Mean over (teacher view q, student view v != q) pairs of the batch-mean cross-entropy."""
+    b = teacher.shape[0] // n_global
+    n_crops = student.shape[0] // b
+    if fused:
+        pair_w = _cross_view_weights(n_global, n_crops, student.device)
+        row_w = torch.full((b,), 1.0 / b, device=student.device)
+        return ops.sdist_loss(student, teacher, center, student_temp, teacher_temp,
+                              pair_weight=pair_w, row_weight=row_w)
+    s_logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(n_crops)
+    t_prob = F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach().chunk(n_global)
+    total, n_terms = 0.0, 0
+    for iq, q in enumerate(t_prob):
+        for v in range(n_crops):
+            if v == iq:
+                continue  # same view: no loss (the teacher saw the same crop)
+            total = total + torch.sum(-q * s_logp[v], dim=-1).mean()
+            n_terms += 1
+    return total / max(1, n_terms)
 
 
 class DINOLoss(nn.Module):
@@ -47,29 +103,21 @@ class DINOLoss(nn.Module):
     """
 
     def __init__(self, out_dim: int, n_global: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, fused: bool = False):
         super().__init__()
         self.n_global = n_global
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.fused = fused
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float,
                 update_center: bool = True) -> torch.Tensor:
-        b = teacher_out.shape[0] // self.n_global
-        n_crops = student_out.shape[0] // b
-        s_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_crops)
-        t_prob = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(self.n_global)
-        total, n_terms = 0.0, 0
-        for iq, q in enumerate(t_prob):
-            for v in range(n_crops):
-                if v == iq:
-                    continue  # same view: no loss (the teacher saw the same crop)
-                total = total + torch.sum(-q * s_logp[v], dim=-1).mean()
-                n_terms += 1
+        loss = _cross_view_ce(student_out, teacher_out.detach(), self.center, self.n_global,
+                              self.student_temp, teacher_temp, self.fused)
         if update_center:
             self.update_center(teacher_out)
-        return total / n_terms
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -79,15 +127,17 @@ class DINOLoss(nn.Module):
 class IBOTLoss(nn.Module):
     """iBOT: CLS loss (DINO, cross-view) + patch loss (MIM, same view, masked positions only).
 
-    ``student_cls`` ``[n_crops*B, K]``, ``teacher_cls`` ``[n_global*B, K]``; ``student_patch`` and
-    ``teacher_patch`` ``[n_global*B, N, K]``; ``masks`` ``[n_global*B, N]`` bool (True = hidden in
-    the student).  The patch term of a view is the mean over its masked positions, averaged over
-    the samples that have any (iBOT's normalisation).
+    ``student_cls`` ``[n_crops*B, K]``, ``teacher_cls`` ``[n_global*B, K]``; ``teacher_patch``
+    ``[n_global*B, N, K]``; ``masks`` ``[n_global*B, N]`` bool (True = hidden in the student).
+    ``student_patch`` is ``[n_global*B, N, K]``, or with ``masked_ids`` (``masked_token_ids(masks)``)
+    only the rows of the hidden tokens, ``[M, K]`` in that order.  The patch term of a view is the
+    mean over each sample's masked positions, averaged over all the view's samples (those without
+    any count 0), then over views: iBOT's normalisation.
     """
 
     def __init__(self, out_dim: int, patch_out_dim: int, n_global: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9, center_momentum_patch: float = 0.9,
-                 lambda_cls: float = 1.0, lambda_patch: float = 1.0):
+                 lambda_cls: float = 1.0, lambda_patch: float = 1.0, fused: bool = False):
         super().__init__()
         self.n_global = n_global
         self.student_temp = student_temp
@@ -95,42 +145,47 @@ class IBOTLoss(nn.Module):
         self.center_momentum_patch = center_momentum_patch
         self.lambda_cls = lambda_cls
         self.lambda_patch = lambda_patch
+        self.fused = fused
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
 
-    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks,
-                teacher_temp: float, teacher_patch_temp: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        b = teacher_cls.shape[0] // self.n_global
-        n_crops = student_cls.shape[0] // b
-        s_cls = F.log_softmax(student_cls.float() / self.student_temp, dim=-1).chunk(n_crops)
-        t_cls = F.softmax((teacher_cls.float() - self.center) / teacher_temp, dim=-1).detach().chunk(self.n_global)
-        s_patch = F.log_softmax(student_patch.float() / self.student_temp, dim=-1).chunk(self.n_global)
-        t_patch = F.softmax((teacher_patch.float() - self.center_patch) / teacher_patch_temp,
-                            dim=-1).detach().chunk(self.n_global)
-        m = masks.chunk(self.n_global)
+    def patch_loss(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
+                   teacher_patch_temp: float, masked_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MIM term (before ``lambda_patch``): see the class docstring for the shapes."""
+        rows, n = masks.shape
+        b = rows // self.n_global
+        if masked_ids is None:
+            masked_ids = masked_token_ids(masks)
+            student_patch = gather_rows(student_patch, masked_ids)
+        elif student_patch.dim() != 2 or student_patch.shape[0] != masked_ids.shape[-1]:
+            raise ValueError(f"with masked_ids [1, M={masked_ids.shape[-1]}], student_patch must be [M, K], "
+                             f"got {tuple(student_patch.shape)}")
+        teacher_rows = gather_rows(teacher_patch.detach(), masked_ids)
+        # Per masked token: 1 / (its sample's masked count * samples per view * views).
+        per_sample = 1.0 / (masks.sum(dim=1).clamp_min(1).float() * (b * self.n_global))
+        row_w = per_sample[masked_ids[0] // n]
+        center = self.center_patch.reshape(1, -1)
+        if self.fused and student_patch.shape[0]:  # (nothing masked: the plain sum below is 0)
+            return ops.sdist_loss(student_patch, teacher_rows, center, self.student_temp, teacher_patch_temp,
+                                  pair_weight=torch.ones(1, 1, device=row_w.device), row_weight=row_w)
+        s_logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
+        t_prob = F.softmax((teacher_rows.float() - center) / teacher_patch_temp, dim=-1)
+        return (torch.sum(-t_prob * s_logp, dim=-1) * row_w).sum()
 
-        cls_total, n_cls = 0.0, 0
-        patch_total, n_patch = 0.0, 0
-        for q in range(self.n_global):
-            for v in range(n_crops):
-                if v == q:
-                    # MIM term: the teacher's clean patch tokens supervise the student's masked ones.
-                    mask = m[v].float()
-                    per_token = torch.sum(-t_patch[q] * s_patch[v], dim=-1)  # [B, N]
-                    per_sample = (per_token * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
-                    patch_total = patch_total + per_sample.mean()
-                    n_patch += 1
-                else:
-                    cls_total = cls_total + torch.sum(-t_cls[q] * s_cls[v], dim=-1).mean()
-                    n_cls += 1
-        cls_loss = cls_total / max(1, n_cls) * self.lambda_cls
-        patch_loss = patch_total / max(1, n_patch) * self.lambda_patch
+    def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks,
+                teacher_temp: float, teacher_patch_temp: float,
+                masked_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        cls_loss = _cross_view_ce(student_cls, teacher_cls.detach(), self.center, self.n_global,
+                                  self.student_temp, teacher_temp, self.fused) * self.lambda_cls
+        patch_loss = self.patch_loss(student_patch, teacher_patch, masks, teacher_patch_temp,
+                                     masked_ids) * self.lambda_patch
         self.update_center(teacher_cls, teacher_patch)
         return cls_loss + patch_loss, {"loss_cls": cls_loss.detach(), "loss_patch": patch_loss.detach()}
 
     @torch.no_grad()
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         self.center.mul_(self.center_momentum).add_(_batch_mean(teacher_cls), alpha=1 - self.center_momentum)
-        patch_mean = _batch_mean(teacher_patch.float().mean(dim=1))  # mean over tokens, then samples
+        # The official centre: mean over every teacher patch token (not only the masked ones).
+        patch_mean = _batch_mean(teacher_patch.mean(dim=1, dtype=torch.float32))
         self.center_patch.mul_(self.center_momentum_patch).add_(patch_mean[:, None, :],
                                                                 alpha=1 - self.center_momentum_patch)

@@ -41,6 +41,7 @@ from .supervised import (
     build_classifier,
     check_supervised_config,
     classification_loss,
+    classifier_accuracy,
     self_distillation_loss,
     top1_accuracy,
 )
@@ -163,17 +164,12 @@ class MaskSub(Method):
     def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None):
         super().__init__(cfg, num_classes)
         mcfg: MaskSubConfig = self.mcfg
-        check_masksub_config(mcfg)
         if student is None:
             student = build_classifier(cfg, num_classes, layer_scale_init=mcfg.layer_scale_init)
         self.student = student
         self.mixer = TargetMixer(mcfg, num_classes)
         if mcfg.variant == "masktoken" and getattr(self.student, "mask_token", None) is None:
             raise ValueError("variant 'masktoken' needs a model with a mask_token")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_masksub_config(cfg.method)
 
     @property
     def num_patches(self) -> int:
@@ -212,6 +208,13 @@ class MaskSub(Method):
             loss_main = loss_main.detach()
             del logits_main
 
+        if mcfg.sub_weight == 0:
+            # Plain supervised training (the paired baseline of MaskSub): no sub-branch to run.
+            if not mcfg.sequential_backward:
+                state.backward(mcfg.main_weight * loss_main)
+            metrics = {"loss_main": loss_main.detach(), "acc_main": top1_accuracy(main_out, targets)}
+            return (mcfg.main_weight * loss_main).detach(), metrics
+
         with autocast_for(state.device, state.amp_dtype):
             logits_sub, sub_tokens = self.sub_forward(images, state.generator)
         loss_sub = self_distillation_loss(logits_sub, main_out, mcfg.loss)
@@ -228,6 +231,10 @@ class MaskSub(Method):
             "acc_main": top1_accuracy(main_out, targets),
         }
         return total.detach(), metrics
+
+
+    def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
+        return classifier_accuracy(self.student, loader, device, amp_dtype)
 
 
 METHOD = MaskSub

@@ -280,7 +280,8 @@ class MultiCropOutput(NamedTuple):
 
     cls:      head output for every crop's CLS token, concatenated [sum_i B_i, out_dim]
     features: the backbone's CLS features, concatenated [sum_i B_i, D]
-    patch:    per crop, the head's patch output [B_i, N_i or K_i, patch_out_dim] (with ``return_patch``), else None
+    patch:    per crop, the head's patch output [B_i, N_i or K_i, patch_out_dim] (with ``return_patch``; with
+              ``head_on_patch=False`` the backbone's patch tokens [B_i, N_i or K_i, D]), else None
     cls_attn: per crop, the CLS map [B_i, N_i or K_i] (with ``return_cls_attn``), else None
     """
 
@@ -303,7 +304,9 @@ class MultiCropWrapper(nn.Module):
     path.  The backbone must have ``forward_features(x, ids_keep=, mask=, return_cls_attn=,
     attn_layer=) -> ViTFeatures`` (``MaskedViT``).  The head maps CLS features with ``forward_cls``
     if it has one (``IBOTHead``) or its ``forward``; with ``return_patch`` the patch tokens go through
-    ``head.forward_patch`` (or its ``forward``), one crop group at a time.
+    ``head.forward_patch`` (or its ``forward``), one crop group at a time; ``head_on_patch=False``
+    returns the patch tokens instead, for a caller that runs the head on the few it needs (iBOT's
+    masked tokens).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -360,6 +363,7 @@ class MultiCropWrapper(nn.Module):
         masks: OptionalPerCrop = None,
         ids_keep: OptionalPerCrop = None,
         return_patch: bool = False,
+        head_on_patch: bool = True,
         return_cls_attn: bool = False,
         attn_layer: int = -1,
     ) -> MultiCropOutput:
@@ -391,7 +395,8 @@ class MultiCropWrapper(nn.Module):
             split = [c.shape[0] for c in crops[start:end]]
             features.append(feats.cls)
             if return_patch:
-                patch_out.extend(torch.split(self._head_patch(feats.patch), split))
+                patch = self._head_patch(feats.patch) if head_on_patch else feats.patch
+                patch_out.extend(torch.split(patch, split))
             if return_cls_attn:
                 cls_maps.extend(torch.split(feats.cls_attn, split))
             start = end

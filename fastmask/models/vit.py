@@ -27,6 +27,7 @@ alone ``teacher(x, ids_keep=ids)`` does the same and keeps the prefix automatica
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "create_vit",
     "load_checkpoint",
     "select_backbone_state",
+    "vit_names",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -84,7 +86,21 @@ class MaskedViT(VisionTransformer):
     ``fastmask.nn.Attention``; a class token is required).  See the module docstring for the forward.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # MaskedViT("vit_small_patch16_224", ...) is timm.create_model(name, ...) converted: timm's
+        # defaults (1000 classes), and the subclass the name needs (DeiT-distilled).
+        if args and isinstance(args[0], str):
+            if len(args) > 1:
+                raise TypeError("MaskedViT(name, **kwargs): pass the arguments after the model name by keyword")
+            model = create_vit(args[0], **{"num_classes": 1000, **kwargs})
+            if not isinstance(model, cls):
+                raise TypeError(f"{args[0]!r} builds a {type(model).__name__}, not a {cls.__name__}")
+            return model
+        return super().__new__(cls)
+
     def __init__(self, *args, **kwargs) -> None:
+        if args and isinstance(args[0], str):
+            return  # built by __new__ from the name
         if kwargs.get("attn_layer", Attention) not in (Attention, TimmAttention, "", "attn"):
             raise ValueError(f"MaskedViT always uses fastmask.nn.Attention; attn_layer={kwargs['attn_layer']!r} is not supported")
         kwargs["attn_layer"] = Attention
@@ -395,6 +411,58 @@ def convert_timm_vit(model: nn.Module) -> MaskedViT:
 
 
 _NAME_RE = re.compile(r"^(vit_(?:tiny|small|base|large))(?:_patch(\d+))?(?:_(\d+))?$")
+# timm's entry-point modules whose models are VisionTransformer subclasses (ViT/AugReg/DINO/DINOv2/
+# CLIP/SigLIP/... and DeiT/DeiT-III).
+_TIMM_VIT_MODULES = ("vision_transformer", "deit")
+_TIMM_NAMES: Optional[List[str]] = None
+
+
+def vit_names() -> List[str]:
+    """Every name ``create_vit`` accepts: the four presets and timm's ViT/DeiT model names (those
+    without a class token, e.g. SigLIP's ``map`` pooling, are refused when built)."""
+    global _TIMM_NAMES
+    if _TIMM_NAMES is None:
+        import timm
+
+        _TIMM_NAMES = sorted({n for mod in _TIMM_VIT_MODULES for n in timm.list_models(module=mod)})
+    return sorted(VIT_CONFIGS) + _TIMM_NAMES
+
+
+def _unknown_name(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, vit_names(), n=5, cutoff=0.5)
+    hint = f"closest valid names: {', '.join(close)}" if close else f"valid names include {sorted(VIT_CONFIGS)}"
+    return ValueError(
+        f"unknown ViT {name!r}; {hint} (any timm ViT/DeiT name such as 'vit_small_patch14_dinov2', "
+        "'deit3_small_patch16_224', 'vit_base_patch16_clip_224', or a preset like 'vit_small_patch16_224')"
+    )
+
+
+def _create_timm_vit(name: str, *, distilled: bool, **kwargs: Any) -> MaskedViT:
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, _tag = split_model_name_tag(name)
+    if arch not in vit_names():
+        if timm.is_model(arch):
+            raise ValueError(
+                f"timm model {name!r} (timm module {_timm_module(arch)!r}) is not a VisionTransformer; MaskedViT "
+                f"wraps timm's ViT/DeiT family (modules {', '.join(_TIMM_VIT_MODULES)})"
+            )
+        raise _unknown_name(name)
+    # pretrained=False: timm only builds the architecture (random init); nothing is downloaded.
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if distilled and not isinstance(model, VisionTransformerDistilled):
+        raise ValueError(f"distilled=True, but {name!r} has no distillation token; use a *_distilled_* DeiT name")
+    return convert_timm_vit(model)
+
+
+def _timm_module(arch: str) -> str:
+    import timm
+
+    for mod in timm.list_modules():
+        if arch in timm.list_models(module=mod):
+            return mod
+    return "?"
 
 
 def create_vit(
@@ -405,44 +473,64 @@ def create_vit(
     num_classes: int = 0,
     drop_path_rate: float = 0.0,
     distilled: bool = False,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_key: Optional[str] = None,
     **kwargs: Any,
 ) -> MaskedViT:
-    """A randomly initialised ``MaskedViT`` (nothing is ever downloaded; load weights with
-    ``load_checkpoint``).
+    """A ``MaskedViT`` by name, randomly initialised or loaded from a local ``checkpoint`` (nothing is
+    ever downloaded).
 
-    name: ``vit_tiny``, ``vit_small``, ``vit_base`` or ``vit_large``, optionally timm-style with patch
-        size and resolution (``vit_small_patch16_224``); explicit ``patch_size``/``img_size`` win.
-        Defaults: patch 16, 224 px (use patch 8 or 4 for 32-96 px images).
+    name: a preset, ``vit_tiny`` / ``vit_small`` / ``vit_base`` / ``vit_large``, optionally timm-style
+        with patch size and resolution (``vit_small_patch16_224``; default patch 16, 224 px), or any timm
+        ViT/DeiT model name (``deit_small_distilled_patch16_224``, ``deit3_base_patch16_224``,
+        ``vit_small_patch14_dinov2``, ``vit_small_patch14_reg4_dinov2``, ``vit_base_patch16_clip_224``,
+        ``vit_small_patch16_224.dino``, ...), built by ``timm.create_model(name, pretrained=False)``
+        with the same modules and state-dict keys as timm's.  A name that is neither raises a
+        ``ValueError`` listing the closest valid names (``vit_names()`` lists them all).
+    patch_size / img_size: override the name's (use patch 8 or 4 for 32-96 px images).
     num_classes: classifier outputs (0 = no classifier; ``forward`` then returns the pooled features).
-    distilled: add a DeiT distillation token (``MaskedViTDistilled``, 2 prefix tokens).
+    distilled: add a DeiT distillation token to a preset (``MaskedViTDistilled``, 2 prefix tokens);
+        timm's ``*_distilled_*`` names have it already.
+    checkpoint: a local file for ``load_checkpoint`` (timm ``.pth``/``.safetensors``, DeiT/MAE,
+        DINO/iBOT, a driver ``checkpoint.pt``), loaded strictly; ``checkpoint_key`` picks its entry
+        (``teacher``, ``student``, ...).
     kwargs: any other timm ``VisionTransformer`` argument (``embed_dim``, ``depth``, ``num_heads``,
-        ``reg_tokens``, ``qk_norm``, ``init_values``, ``global_pool``, ...) overriding the preset.
+        ``reg_tokens``, ``qk_norm``, ``init_values``, ``global_pool``, ...) overriding the name's.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a string such as 'vit_small', got {type(name).__name__}")
-    match = _NAME_RE.match(name)
-    if match is None:
+    pretrained = kwargs.pop("pretrained", False)
+    if pretrained:
         raise ValueError(
-            f"unknown ViT {name!r}; expected one of {sorted(VIT_CONFIGS)} (optionally like 'vit_small_patch16_224')"
+            "create_vit never downloads weights; pass checkpoint='/path/to/weights.pth' (or .safetensors) instead "
+            f"of pretrained={pretrained!r}"
         )
-    base, name_patch, name_img = match.groups()
-    patch_size = patch_size if patch_size is not None else int(name_patch or 16)
-    img_size = img_size if img_size is not None else int(name_img or 224)
     for arg, value in (("patch_size", patch_size), ("img_size", img_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    if img_size % patch_size:
-        raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
-    if kwargs.pop("pretrained", False):
-        raise ValueError("create_vit never downloads weights; build the model, then load_checkpoint(model, path)")
-    cfg = dict(VIT_CONFIGS[base])
-    cfg.update(kwargs)
-    cls = MaskedViTDistilled if distilled else MaskedViT
-    if distilled and cfg.get("reg_tokens", 0):
-        raise ValueError("distilled=True does not combine with reg_tokens (timm's DeiT has no registers)")
-    return cls(
-        img_size=img_size, patch_size=patch_size, num_classes=num_classes, drop_path_rate=drop_path_rate, **cfg
-    )
+    match = _NAME_RE.match(name)
+    if match is not None:
+        base, name_patch, name_img = match.groups()
+        patch_size = patch_size if patch_size is not None else int(name_patch or 16)
+        img_size = img_size if img_size is not None else int(name_img or 224)
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        cfg = dict(VIT_CONFIGS[base])
+        cfg.update(kwargs)
+        cls = MaskedViTDistilled if distilled else MaskedViT
+        if distilled and cfg.get("reg_tokens", 0):
+            raise ValueError("distilled=True does not combine with reg_tokens (timm's DeiT has no registers)")
+        model = cls(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
+                    drop_path_rate=drop_path_rate, **cfg)
+    else:
+        geometry = {k: v for k, v in (("patch_size", patch_size), ("img_size", img_size)) if v is not None}
+        if patch_size is not None and img_size is not None and img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        model = _create_timm_vit(name, distilled=distilled, num_classes=num_classes,
+                                 drop_path_rate=drop_path_rate, **geometry, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, key=checkpoint_key)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
