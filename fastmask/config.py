@@ -60,6 +60,12 @@ class ModelConfig:
     patch_size: int = 16
     img_size: int = 224  # resolution of the global crops / training images
     drop_path_rate: float = 0.1
+    # "linear": timm's rule (rising to drop_path_rate in the last block); "constant": every block
+    # (DeiT-III's models_v2.py, MaskSub's DeiT-III recipes).
+    drop_path_schedule: str = "linear"
+    # No position embedding on the class token (timm's no_embed_class; DeiT-III's ViT adds pos_embed
+    # [1, N, D] to the patches only, then prepends the class token).
+    no_embed_class: bool = False
     checkpoint: Optional[str] = None  # optional local checkpoint to initialise the backbone from
     # Overrides of the architecture's size (0 = the arch's own value); used by the tiny CPU recipes.
     depth: int = 0
@@ -73,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"model.img_size: {self.img_size} is not divisible by model.patch_size={self.patch_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+        if self.drop_path_schedule not in ("linear", "constant"):
+            raise ValueError(f"model.drop_path_schedule: must be 'linear' or 'constant', got {self.drop_path_schedule!r}")
         if self.checkpoint and not os.path.isfile(os.path.expanduser(self.checkpoint)):
             raise ValueError(f"model.checkpoint: file not found: {self.checkpoint}")
 
@@ -104,22 +112,37 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | lamb (DeiT-III / MaskSub's fusedlamb, fastmask.engine.optim.lamb)
     lr: float = 5e-4  # base lr for a global batch of 256; the driver scales it by batch/256
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4  # cosine schedule of the weight decay (DINO/iBOT)
     betas: Tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0  # max global grad norm; 0 disables clipping
+    clip_grad: float = 3.0  # max grad norm (per parameter or global, see clip_mode); 0 disables clipping
+    # DINO/iBOT/AttMask clip each parameter's gradient on its own (utils.clip_gradients); "global":
+    # torch.nn.utils.clip_grad_norm_ over all of them (timm/DeiT/BEiT).  fastmask.engine.optim.
+    clip_mode: str = "per_param"
+    # "dino": decay every parameter but biases and 1-D ones (DINO/iBOT utils.get_params_groups);
+    # "timm": also exempt tokens and position embeddings (timm's no_weight_decay, DeiT/MaskSub/MaskedKD).
+    decay_groups: str = "dino"
     freeze_last_layer_epochs: int = 1
     teacher_momentum: float = 0.996  # EMA momentum, cosine schedule to teacher_momentum_end
     teacher_momentum_end: float = 1.0
     scale_lr_by_batch: bool = True
+    # min_lr scaled by batch/256 as well (fastmask's earlier behaviour); false: min_lr is absolute, as
+    # in DINO/iBOT/AttMask (cosine_scheduler(lr * batch / 256, min_lr, ...)) and DeiT/MaskSub/MaskedKD.
+    scale_min_lr: bool = True
 
     def __post_init__(self):
-        if self.optimizer.lower() not in ("adamw",):
-            raise ValueError(f"optim.optimizer: only 'adamw' is supported, got {self.optimizer!r}")
+        from .engine.optim import CLIP_MODES, DECAY_GROUPS, OPTIMIZERS
+
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"optim.clip_mode: must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        if self.decay_groups not in DECAY_GROUPS:
+            raise ValueError(f"optim.decay_groups: must be one of {DECAY_GROUPS}, got {self.decay_groups!r}")
         if not self.lr > 0:
             raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:

@@ -51,9 +51,11 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers, or DALI CPU threads
     image_size: int = 224  # global crop / supervised crop / eval crop size
     local_size: int = 96
-    num_local_crops: int = 6
-    global_scale: Tuple[float, float] = (0.25, 1.0)
-    local_scale: Tuple[float, float] = (0.05, 0.25)
+    # DINO's main_dino.py defaults (8 local crops, global (0.4, 1), local (0.05, 0.4)); iBOT and AttMask
+    # use 10 local crops with (0.25, 1) / (0.05, 0.25): their recipes set these explicitly.
+    num_local_crops: int = 8
+    global_scale: Tuple[float, float] = (0.4, 1.0)
+    local_scale: Tuple[float, float] = (0.05, 0.4)
     three_augment: bool = False  # DeiT-III 3-Augment for supervised training
     cache_dir: str = "~/.cache/fastmask"  # built-in datasets and the file-validation cache
     supervised_scale: Tuple[float, float] = (0.08, 1.0)

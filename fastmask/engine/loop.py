@@ -33,6 +33,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
+from .optim import clip_gradients, lamb
 
 __all__ = ["Trainer", "train", "cosine_schedule", "step_seed", "make_optimizer", "amp_dtype_for"]
 
@@ -68,7 +69,9 @@ def amp_dtype_for(pref: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-def make_optimizer(groups, lr: float, betas, device: torch.device):
+def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
+    if name == "lamb":
+        return lamb(groups, lr, betas)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam  # type: ignore
@@ -175,10 +178,10 @@ class Trainer:
         self.global_batch = self._global_batch_size()
         scale = self.global_batch / 256.0 if cfg.optim.scale_lr_by_batch else 1.0
         self.peak_lr = cfg.optim.lr * scale
-        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_lr_by_batch else cfg.optim.min_lr
+        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_min_lr else cfg.optim.min_lr
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.optimizer = make_optimizer(self.method.param_groups(cfg.optim.weight_decay), self.peak_lr,
-                                        tuple(cfg.optim.betas), self.device)
+        self.optimizer = make_optimizer(self.method.param_groups(cfg.optim.weight_decay, cfg.optim.decay_groups),
+                                        self.peak_lr, tuple(cfg.optim.betas), self.device, cfg.optim.optimizer.lower())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         if cfg.compile:
@@ -293,7 +296,7 @@ class Trainer:
 
     def _clip_gradients(self) -> Optional[torch.Tensor]:
         if self.cfg.optim.clip_grad > 0:
-            return torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad)
+            return clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
         return None
 
     def _optimizer_step(self) -> None:
