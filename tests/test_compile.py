@@ -22,10 +22,9 @@ from tiny_methods import CASES, make_batch, make_method, make_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*teacher is randomly initialised")
 
-# Until the ops are torch.library operators with seeds as device tensors (issue 15, ops half), their
-# seed draws (.item()) and Philox range checks break the graph of every masked step.
-_OPS_BREAK = pytest.mark.xfail(strict=True, reason="the ops' seed draws and Philox checks still break the graph")
-STEP_CASES = [pytest.param(name, marks=() if name == "maskedkd" else _OPS_BREAK) for name in CASES]
+# The BEiT block policy still reads counts back to the host (3 breaks) until it is rewritten without syncs.
+_BLOCK_POLICY_SYNCS = pytest.mark.xfail(strict=True, reason="the BEiT block policy syncs (masking/block.py)")
+STEP_CASES = [pytest.param(name, marks=_BLOCK_POLICY_SYNCS if name == "maskdistill" else ()) for name in CASES]
 
 
 def _zero_grads(method):
@@ -104,7 +103,6 @@ def test_fullgraph_step_matches_eager(name):
         step(batch, make_state(step=1))
 
 
-@_OPS_BREAK
 def test_two_calls_of_one_compiled_step_draw_different_masks():
     method = make_method("ibot_attmask_high", "method.mask_prob=1.0")
     batch = make_batch(method)

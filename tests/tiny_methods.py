@@ -26,7 +26,9 @@ CASES: Dict[str, Tuple[str, List[str]]] = {
     "dino": ("dino_tiny_builtin", TINY_HEAD + ["method.student_mask=random"]),
     "dino_drop": ("dino_tiny_builtin", TINY_HEAD + ["method.student_mask=random", "method.student_mask_mode=drop"]),
     "ibot_attmask_high": ("ibot_tiny_builtin", TINY_HEAD + ["method.patch_out_dim=64", "method.mask=attmask_high"]),
-    "ibot_attmask_hint": ("ibot_tiny_builtin", TINY_HEAD + ["method.patch_out_dim=64", "method.mask=attmask_hint"]),
+    # No head BatchNorm: the patch head runs on the masked tokens only (eager) / every token (compiled).
+    "ibot_attmask_hint": ("ibot_tiny_builtin", TINY_HEAD + ["method.patch_out_dim=64", "method.mask=attmask_hint",
+                                                            "method.head_use_bn=false"]),
     "masksub": ("masksub_tiny_builtin", NO_MIX),
     "maskedkd": ("maskedkd_tiny_builtin", NO_MIX + TINY_TEACHER),
     "maskdistill": ("maskdistill_tiny_builtin", TINY_TEACHER),
