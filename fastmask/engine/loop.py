@@ -34,6 +34,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
+from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
 from .optim import clip_gradients, lamb
 from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in, truncate_metrics
 
@@ -59,16 +60,12 @@ def step_seed(seed: int, step: int, rank: int = 0, stream: str = "") -> int:
 
 
 def amp_dtype_for(pref: str, device: torch.device) -> Optional[torch.dtype]:
-    pref = pref.lower()
-    if pref == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if pref in ("bf16", "on"):
-        return torch.bfloat16
-    if pref == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("amp=fp16 needs a CUDA device (use bf16 or off on the CPU)")
-        return torch.float16
-    return None
+    """The autocast dtype for ``amp=pref`` on ``device`` (``guard.amp_policy``: bf16 on GPUs with
+    native bf16, fp16 + loss scaling on older ones, float32 on the CPU)."""
+    try:
+        return amp_policy(device, pref).dtype
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
@@ -196,6 +193,7 @@ class Trainer:
         if cfg.compile:
             compile_in_place(self.method)
 
+        self.guard = NonFiniteGuard(cfg.nonfinite_max_consecutive, enabled=cfg.skip_nonfinite)
         self._old_value_checks = None
         self.step = 0
         self.start_epoch = 0
@@ -206,6 +204,13 @@ class Trainer:
         if self.is_main:
             self._open_output_dir(checked)
         self.log_sink = RunLog(self.out_dir, self.is_main, cfg.tensorboard, purge_step=checked.resume_step)
+        self.wandb = None
+        if cfg.wandb and self.is_main:
+            from .loggers import WandbLogger
+
+            self.wandb = WandbLogger(project=cfg.wandb_project, entity=cfg.wandb_entity or None,
+                                     name=os.path.basename(os.path.normpath(self.out_dir)),
+                                     config=config_to_dict(cfg), dir=self.out_dir, mode=cfg.wandb_mode)
         if self.is_main:
             import yaml
 
@@ -258,6 +263,7 @@ class Trainer:
         self.start_epoch = int(ckpt["epoch"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.last_eval = dict(ckpt.get("last_eval", {}))
+        self.guard.load_state_dict(ckpt.get("nonfinite", {}))
         rng = ckpt.get("rng", {}).get(self.rank) if isinstance(ckpt.get("rng"), dict) else None
         if rng is not None:
             ckpt_io.set_rng_state(rng)
@@ -284,6 +290,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "rng": rng,
                 "last_eval": self.last_eval,
+                "nonfinite": self.guard.state_dict(),
                 "config": config_to_dict(self.cfg),
                 "fastmask_version": __import__("fastmask").__version__,
             }, self.ckpt_path, keep_previous=True)
@@ -291,6 +298,8 @@ class Trainer:
 
     def log(self, record: Dict[str, Any]) -> None:
         self.log_sink(record, self.step)
+        if self.wandb is not None:
+            self.wandb.log(record, self.step)
 
     # -------------------------------------------------------------------------------- step
     def schedules(self, step: int):
@@ -340,6 +349,7 @@ class Trainer:
                 group["weight_decay"] = wd
         state = self._step_state(epoch, lr, wd, momentum)
         self.method.train()
+        self.guard.save_buffers(self.method)  # a skipped step restores them (BatchNorm statistics)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             loss, metrics = self.method.training_step(batch, state)
@@ -349,13 +359,20 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
-        if state.freeze_last_layer:
-            self.method.cancel_last_layer_grads(state)
-        self._optimizer_step()
-        self.method.on_after_optimizer_step(state)
+        # A non-finite loss or gradient skips the update (guard.py).  Ranks decide on the all-reduced
+        # gradient norm alone, which they share (a NaN loss makes NaN gradients), so they agree.
+        norm = grad_norm if grad_norm is not None else global_grad_norm(self.trainable)
+        stepped = self.guard.check(loss.detach() if self.world == 1 else None, norm, step=self.step)
+        if stepped:
+            if state.freeze_last_layer:
+                self.method.cancel_last_layer_grads(state)
+            self._optimizer_step()
+            self.method.on_after_optimizer_step(state)
+        else:
+            self.guard.skip(self.optimizer, self.scaler)
         self.step += 1
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "teacher_momentum": momentum,
-                "grad_norm": grad_norm, **(metrics or {})}
+                "grad_norm": grad_norm, "stepped": stepped, **self.guard.metrics(), **(metrics or {})}
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self, epoch: int) -> Dict[str, float]:
@@ -409,13 +426,14 @@ class Trainer:
 
                     self._old_value_checks = ops.set_value_checks(cfg.value_checks)
                 done_in_epoch = batch_idx + 1
-                loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
-                n_loss += 1
+                if out.pop("stepped"):  # skipped steps' (non-finite) losses stay out of the average
+                    loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
+                    n_loss += 1
                 window_images += n_img
                 epoch_images += n_img
                 if self.step % cfg.log_every == 0 or self.step == stop_at:
-                    loss_val = (loss_sum / n_loss).item()
-                    if not math.isfinite(loss_val):
+                    loss_val = (loss_sum / n_loss).item() if n_loss else float("nan")
+                    if not math.isfinite(loss_val) and not self.guard.enabled:
                         raise FloatingPointError(f"loss is {loss_val} at step {self.step}; stopping "
                                                  f"(try a lower optim.lr or amp=off)")
                     dt = max(1e-9, time.perf_counter() - window_t0)
@@ -477,6 +495,9 @@ class Trainer:
             ops.set_value_checks(self._old_value_checks)
             self._old_value_checks = None
         self.log_sink.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         # close() runs only after a completed fit, so every rank reaches shutdown's barrier.
         D.shutdown(self.dist)
 

@@ -231,6 +231,11 @@ def preflight(cfg, world: int = 1, local_rank: int = 0) -> Preflight:
     _check_data_section(cfg)
     _check_device(cfg, local_rank)
     _check_models(cfg)
+    if getattr(cfg, "wandb", False) and getattr(cfg, "wandb_mode", "online") != "disabled":
+        from .loggers import wandb_available
+
+        if not wandb_available():
+            raise UsageError("wandb=true: the wandb package is not installed; `pip install wandb` or set wandb=false")
     steps = _check_data_source(cfg, world)
     path = _check_output_dir(cfg)
     result = Preflight(steps_per_epoch=steps)
