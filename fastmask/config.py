@@ -175,7 +175,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/fastmask"
     device: str = "auto"  # auto / cpu / cuda / cuda:N
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) / bf16 / fp16 / off
+    amp: str = "auto"  # auto / bf16 / fp16 / off: see fastmask.engine.guard.amp_policy (bf16 on native-bf16 GPUs, fp16 + loss scaling on older ones, off on CPU)
     compile: bool = False
     log_every: int = 10
     eval_every: int = 1  # epochs between k-NN evaluations (0: only at the end)
@@ -185,12 +185,24 @@ class TrainConfig:
     attn_images: int = 4  # validation images in the attention-map grid (0 disables)
     save_every: int = 1  # epochs between checkpoints
     resume: str = ""  # "" (fresh run), "auto" (output_dir/checkpoint.pt if present) or a path
+    overwrite: bool = False  # a fresh run into a directory holding another run replaces it (else: refused)
     progress_bar: bool = True
     tensorboard: bool = True
     deterministic: bool = False
     # fastmask.ops value checks (index range, NaN scores) sync with the device: keep them for the
     # first step (inputs are checked once), then follow this setting.
     value_checks: bool = False
+    # Numerical safety (fastmask/engine/guard.py): a non-finite loss or gradient norm skips the
+    # step; this many in a row stop the run.
+    skip_nonfinite: bool = True
+    nonfinite_max_consecutive: int = 10
+    # Optional Weights & Biases logging (fastmask/engine/loggers.py), rank 0, beside JSONL/TensorBoard.
+    wandb: bool = False
+    wandb_project: str = "fastmask"
+    wandb_entity: str = ""
+    wandb_mode: str = "online"  # online / offline (wandb sync later) / disabled
+    # Online linear probe at each evaluation (fastmask.eval.linear_probe on the k-NN features): epochs, 0 = off.
+    linear_probe_epochs: int = 0
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -204,7 +216,11 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.max_steps < 0:
         bad("max_steps", f"must be >= 0, got {cfg.max_steps}")
     if cfg.optim.warmup_epochs > cfg.epochs:
-        bad("optim.warmup_epochs", f"must be in [0, epochs={cfg.epochs}], got {cfg.optim.warmup_epochs}")
+        # A short run of a longer recipe (epochs=1, the natural smoke test): warm up for half of it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[fastmask] notice: optim.warmup_epochs={cfg.optim.warmup_epochs:g} does not fit epochs={cfg.epochs}; "
+                  f"warm-up shortened to {cfg.epochs / 2:g} epochs", flush=True)
+        cfg.optim.warmup_epochs = cfg.epochs / 2
     if cfg.amp.lower() not in ("auto", "bf16", "fp16", "off", "on"):
         bad("amp", f"must be one of auto, bf16, fp16, off; got {cfg.amp!r}")
     dev = cfg.device.lower()
@@ -219,6 +235,12 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad(k, f"must be >= 1, got {getattr(cfg, k)}")
     if cfg.eval_every < 0:
         bad("eval_every", f"must be >= 0, got {cfg.eval_every}")
+    if cfg.nonfinite_max_consecutive < 1:
+        bad("nonfinite_max_consecutive", f"must be >= 1, got {cfg.nonfinite_max_consecutive}")
+    if cfg.wandb_mode not in ("online", "offline", "disabled"):
+        bad("wandb_mode", f"must be online, offline or disabled; got {cfg.wandb_mode!r}")
+    if cfg.linear_probe_epochs < 0:
+        bad("linear_probe_epochs", f"must be >= 0, got {cfg.linear_probe_epochs}")
     img = getattr(cfg.data, "image_size", None)
     if img is not None and img != cfg.model.img_size:
         bad("data.image_size", f"{img} differs from model.img_size={cfg.model.img_size}; set both to the same value")

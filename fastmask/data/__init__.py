@@ -32,11 +32,12 @@ from .builtin import BUILTIN_DATASETS, ensure_builtin
 from .dali_loader import DaliLoader, dali_available
 from .folder import DatasetError, ImageFolderSplit, ShardPlan, check_image_file, scan_image_folder
 from .torch_loader import TorchLoader
+from .webdataset import is_shard_split, write_shards
 
 __all__ = [
     "DataConfig", "make_loader", "resolve_data_root", "DatasetError", "dali_available",
     "BUILTIN_DATASETS", "ensure_builtin", "scan_image_folder", "check_image_file", "ImageFolderSplit",
-    "ShardPlan", "augment",
+    "ShardPlan", "augment", "write_shards",
 ]
 
 PIPELINES = ("multicrop", "supervised", "eval")
@@ -45,7 +46,7 @@ LOADERS = ("dali", "torch", "auto")
 
 @dataclass
 class DataConfig:
-    data: str = "builtin:shapes"  # "builtin:shapes" | "builtin:digits" | ImageFolder root with train/ val/
+    data: str = "builtin:shapes"  # "builtin:shapes" | "builtin:digits" | root with train/ val/ (ImageFolder or .tar shards)
     loader: str = "auto"  # "dali" | "torch" | "auto" (DALI on a GPU when importable, else torch)
     batch_size: int = 64  # per process
     num_workers: int = 2  # DataLoader workers, or DALI CPU threads
@@ -135,6 +136,15 @@ def make_loader(
                            "install nvidia-dali-cuda120 or use loader='torch'")
 
     root = resolve_data_root(cfg)
+    if is_shard_split(root, split):  # webdataset .tar shards (fastmask/data/webdataset.py)
+        from . import webdataset as wds
+
+        data = wds.scan_shards(root, split)
+        plan = wds.ShardedPlan(data.shard_sizes, int(cfg.batch_size), int(shard_id), int(num_shards), int(seed),
+                               shuffle, drop_last)
+        cls = wds.DaliShardLoader if backend == "dali" else wds.TorchShardLoader
+        return cls(data, pipeline, _specs(cfg, pipeline), plan, num_workers=int(cfg.num_workers),
+                   seed=int(seed), device=device)
     data = scan_image_folder(root, split, validate=cfg.validate, cache_dir=cfg.cache_dir)
     plan = ShardPlan(len(data), int(cfg.batch_size), int(shard_id), int(num_shards), int(seed), shuffle, drop_last)
     cls = DaliLoader if backend == "dali" else TorchLoader
