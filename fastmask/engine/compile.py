@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import types
 import warnings
 from collections import Counter
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
@@ -60,7 +61,11 @@ def resolve_compile_mode(value) -> str:
 
 def train_step_fn(method: nn.Module) -> StepFn:
     """``step(batch, state) -> (loss detached, metrics)``: forward, loss and backward of one step of
-    ``method`` (eager).  ``batch`` must already have gone through ``method.prepare_batch``."""
+    ``method`` (eager).  ``batch`` must already have gone through ``method.prepare_batch``.
+
+    Each call returns a function with its own code object (named after the method): Dynamo keys its
+    cache, its recompile limit and its automatic-dynamic shape memory by code object, so two methods
+    compiled in one process (a benchmark, the tests) must not share one."""
 
     def train_step(batch, state):
         loss, metrics = method.training_step(batch, state)
@@ -68,7 +73,9 @@ def train_step_fn(method: nn.Module) -> StepFn:
             state.backward(loss)
         return loss.detach(), metrics
 
-    return train_step
+    name = f"train_step_{getattr(method, 'name', 'method')}_{id(method):x}"
+    code = train_step.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, train_step.__globals__, name, None, train_step.__closure__)
 
 
 def _prepare(method: nn.Module) -> Callable:

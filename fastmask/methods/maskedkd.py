@@ -217,11 +217,11 @@ class MaskedKD(Method):
             if by_attention:
                 ids_keep = select_teacher_tokens(cls_attn, self.keep)
             elif masked_teacher:
-                from .masksub import random_keep_ids
+                from .. import ops
 
                 # int(N * (1 - ratio)) == keep exactly (half a token of slack against rounding).
-                ids_keep = random_keep_ids(images.shape[0], N, (N - self.keep - 0.5) / N,
-                                           generator=state.generator, device=images.device)
+                ids_keep = ops.random_keep(images.shape[0], N, (N - self.keep - 0.5) / N,
+                                           generator=state.generator, device=images.device).ids_keep
             if mcfg.distillation != "none":
                 t_logits, t_flops = self.teacher_logits(images, ids_keep)
             else:
