@@ -19,6 +19,7 @@ checks across sections in :func:`check_train_config` and the method's ``check_co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -282,6 +283,9 @@ def _set(cfg: DictConfig, dotted: str, value, shown: str) -> None:
         value = int(value)
     elif isinstance(value, int) and ref_type is float:
         value = float(value)
+    elif isinstance(value, str) and ref_type is float:
+        with contextlib.suppress(ValueError):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     elif isinstance(value, list) and typing.get_origin(ref_type) is tuple:
         value = tuple(value)  # YAML has no tuples
     elif isinstance(value, str) and value.strip().lower() == "none" and _optional(node, last):
