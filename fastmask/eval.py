@@ -87,7 +87,7 @@ def knn_accuracy(train_feats, train_labels, val_feats, val_labels, num_classes: 
                  temperature: float = 0.07, chunk: int = 256) -> Dict[str, float]:
     """Weighted k-NN top-1 (and top-5 with >= 5 classes), in %, on L2-normalised features
     (normalised here)."""
-    from .train import knn_accuracy as _knn
+    from .engine.evaluation import knn_accuracy as _knn
 
     return _knn(F.normalize(train_feats, dim=-1), train_labels, F.normalize(val_feats, dim=-1), val_labels,
                 num_classes, k=k, temperature=temperature, chunk=chunk)

@@ -148,7 +148,7 @@ def main():
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     for name in args.cases.split(","):
         with D.fail_together(rank, world):
-            results[name] = run_case(name, args, os.path.join(os.path.dirname(os.path.abspath(args.out)), f"run_{name}"))
+            results[name] = run_case(name, args, f"{os.path.abspath(args.out)}.run_{name}")
     info = D.DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), 0,
                       torch.distributed.is_initialized())
     if info.is_main:

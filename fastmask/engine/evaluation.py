@@ -32,6 +32,11 @@ def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, 
     va_f, va_y = extract_features(backbone, val_eval, device, amp_dtype)
     result = knn_accuracy(tr_f, tr_y, va_f, va_y, num_classes, cfg.knn_k, cfg.knn_temperature)
     result.update(method.evaluate_classifier(val_eval, device, amp_dtype))
+    if getattr(cfg, "linear_probe_epochs", 0) > 0:  # online linear probe on the same frozen features
+        from ..eval import linear_probe
+
+        probe = linear_probe(tr_f, tr_y, va_f, va_y, num_classes, epochs=cfg.linear_probe_epochs)
+        result.update(linear_top1=probe["top1"], linear_best_lr=probe["best_lr"])
     result["eval_seconds"] = time.perf_counter() - t0
     if cfg.attn_images > 0 and write_images:
         images = pick_images(val_eval, cfg.attn_images).to(device)

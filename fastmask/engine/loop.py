@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._cli import UsageError
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..methods import get_method
 from ..methods.base import Method, StepState
@@ -34,6 +35,9 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
+from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
+from .optim import clip_gradients, lamb
+from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in, truncate_metrics
 
 __all__ = ["Trainer", "train", "cosine_schedule", "step_seed", "make_optimizer", "amp_dtype_for"]
 
@@ -57,19 +61,17 @@ def step_seed(seed: int, step: int, rank: int = 0, stream: str = "") -> int:
 
 
 def amp_dtype_for(pref: str, device: torch.device) -> Optional[torch.dtype]:
-    pref = pref.lower()
-    if pref == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if pref in ("bf16", "on"):
-        return torch.bfloat16
-    if pref == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("amp=fp16 needs a CUDA device (use bf16 or off on the CPU)")
-        return torch.float16
-    return None
+    """The autocast dtype for ``amp=pref`` on ``device`` (``guard.amp_policy``: bf16 on GPUs with
+    native bf16, fp16 + loss scaling on older ones, float32 on the CPU)."""
+    try:
+        return amp_policy(device, pref).dtype
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-def make_optimizer(groups, lr: float, betas, device: torch.device):
+def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
+    if name == "lamb":
+        return lamb(groups, lr, betas)
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam  # type: ignore
@@ -106,15 +108,21 @@ def compile_in_place(method: torch.nn.Module) -> int:
 class RunLog:
     """Rank 0's record of a run: ``metrics.jsonl`` and TensorBoard scalars (other ranks: no-ops)."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
+        """``purge_step``: resuming from that step; later records of the killed run are dropped
+        from metrics.jsonl and TensorBoard (the resumed run logs them again)."""
         self.history: List[Dict[str, Any]] = []
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if enabled and purge_step is not None:
+            truncate_metrics(path, purge_step)
+        self.file = open(path, "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
+                                        purge_step=None if purge_step is None else purge_step + 1)
             except Exception as e:  # tensorboard missing or broken: keep training
                 warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})")
 
@@ -175,13 +183,14 @@ class Trainer:
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
         self.rank, self.world, self.is_main = self.dist.rank, self.dist.world, self.dist.is_main
+        # Every user mistake fails here, in one line, before anything is written (engine.preflight).
+        checked = preflight(cfg, self.world, self.dist.local_rank)
+        D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)
         self.method_cls = get_method(cfg.method_name)
         self.out_dir = cfg.output_dir
         self.ckpt_path = os.path.join(self.out_dir, ckpt_io.CHECKPOINT_NAME)
-        if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -216,20 +225,30 @@ class Trainer:
         self.global_batch = self._global_batch_size()
         scale = self.global_batch / 256.0 if cfg.optim.scale_lr_by_batch else 1.0
         self.peak_lr = cfg.optim.lr * scale
-        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_lr_by_batch else cfg.optim.min_lr
+        self.min_lr = cfg.optim.min_lr * scale if cfg.optim.scale_min_lr else cfg.optim.min_lr
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
-        self.optimizer = make_optimizer(self.method.param_groups(cfg.optim.weight_decay), self.peak_lr,
-                                        tuple(cfg.optim.betas), self.device)
+        self.optimizer = make_optimizer(self.method.param_groups(cfg.optim.weight_decay, cfg.optim.decay_groups),
+                                        self.peak_lr, tuple(cfg.optim.betas), self.device, cfg.optim.optimizer.lower())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
+        self.guard = NonFiniteGuard(cfg.nonfinite_max_consecutive, enabled=cfg.skip_nonfinite)
         self._old_value_checks = None
         self.step = 0
         self.start_epoch = 0
         self.batch_in_epoch = 0
         self.last_eval: Dict[str, float] = {}
-        self._resume()
+        self._resume(checked)
 
-        self.log_sink = RunLog(self.out_dir, self.is_main, cfg.tensorboard)
+        if self.is_main:
+            self._open_output_dir(checked)
+        self.log_sink = RunLog(self.out_dir, self.is_main, cfg.tensorboard, purge_step=checked.resume_step)
+        self.wandb = None
+        if cfg.wandb and self.is_main:
+            from .loggers import WandbLogger
+
+            self.wandb = WandbLogger(project=cfg.wandb_project, entity=cfg.wandb_entity or None,
+                                     name=os.path.basename(os.path.normpath(self.out_dir)),
+                                     config=config_to_dict(cfg), dir=self.out_dir, mode=cfg.wandb_mode)
         if self.is_main:
             import yaml
 
@@ -249,30 +268,45 @@ class Trainer:
             raise RuntimeError("cannot tell the batch size (DataConfig.batch_size or loader.batch_size)")
         return int(bs) * self.world * self.accum
 
-    def _resume(self) -> None:
-        path = self.cfg.resume
-        if not path:
+    def _open_output_dir(self, checked) -> None:
+        """Rank 0, after every check and set-up step: --overwrite clears the previous run's files;
+        temporary files of killed checkpoint writes are removed."""
+        if self.cfg.overwrite and checked.resume_path is None and os.path.isdir(self.out_dir):
+            used = run_files_in(self.out_dir)
+            if used:
+                clear_run(self.out_dir)
+                print(f"[fastmask] --overwrite: removed the previous run's {', '.join(used)} from {self.out_dir}")
+        os.makedirs(self.out_dir, exist_ok=True)
+        stale = remove_stale_tmp(self.out_dir)
+        if stale:
+            print(f"[fastmask] removed {stale} temporary checkpoint file(s) of interrupted writes")
+
+    def _resume(self, checked) -> None:
+        path, ckpt = checked.resume_path, checked.checkpoint
+        if ckpt is None:
+            if self.cfg.resume == "auto" and self.is_main:
+                print(f"[fastmask] resume=auto: no checkpoint in {self.out_dir}, starting fresh")
             return
-        if path == "auto":
-            if not os.path.isfile(self.ckpt_path):
-                if self.is_main:
-                    print(f"[fastmask] resume=auto: no checkpoint in {self.out_dir}, starting fresh")
-                return
-            path = self.ckpt_path
-        ckpt = ckpt_io.read_checkpoint(path)
-        ckpt_io.check_compatible(ckpt, path, self.cfg, self.steps_per_epoch)
-        ckpt_io.load_full_state(self.method, self.optimizer, ckpt["method"], ckpt["optimizer"])
+        if self.steps_per_epoch != checked.steps_per_epoch:  # the loader and the preflight disagree: a bug
+            ckpt_io.check_compatible(ckpt, path, self.cfg, self.steps_per_epoch)
+        try:  # full state dicts, whatever world size or parallelism wrote them
+            ckpt_io.load_full_state(self.method, self.optimizer, ckpt["method"], ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"resume: checkpoint {path} does not fit this run's model/optimizer "
+                             f"({str(e).splitlines()[0][:160]}); resume with the run's own settings") from None
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"])
         self.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
         self.last_eval = dict(ckpt.get("last_eval", {}))
+        self.guard.load_state_dict(ckpt.get("nonfinite", {}))
         rng = ckpt.get("rng", {}).get(self.rank) if isinstance(ckpt.get("rng"), dict) else None
         if rng is not None:
             ckpt_io.set_rng_state(rng)
         if self.is_main:
-            print(f"[fastmask] resumed from {path}: epoch {self.start_epoch}, step {self.step}")
+            print(f"[fastmask] resuming the run in {self.out_dir} from {path}: epoch {self.start_epoch}, "
+                  f"step {self.step} (records after step {self.step} are dropped from its logs)")
 
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
         """Write ``checkpoint.pt`` atomically; ``epoch``/``batch_in_epoch`` say where to continue."""
@@ -295,13 +329,16 @@ class Trainer:
                 "world_size": self.world,
                 "rng": rng,
                 "last_eval": self.last_eval,
+                "nonfinite": self.guard.state_dict(),
                 "config": config_to_dict(self.cfg),
                 "fastmask_version": __import__("fastmask").__version__,
-            }, self.ckpt_path)
+            }, self.ckpt_path, keep_previous=True)
         D.barrier(self.world)
 
     def log(self, record: Dict[str, Any]) -> None:
         self.log_sink(record, self.step)
+        if self.wandb is not None:
+            self.wandb.log(record, self.step)
 
     # -------------------------------------------------------------------------------- step
     def schedules(self, step: int):
@@ -336,7 +373,7 @@ class Trainer:
 
     def _clip_gradients(self) -> Optional[torch.Tensor]:
         if self.cfg.optim.clip_grad > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.clip_grad)
+            norm = clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
             return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         return None
 
@@ -379,6 +416,7 @@ class Trainer:
             if group.get("apply_wd", group["weight_decay"] > 0):
                 group["weight_decay"] = wd
         self.method.train()
+        self.guard.save_buffers(self.method)  # a skipped step restores them (BatchNorm statistics)
         losses, parts = [], []
         for micro, batch in enumerate(batches):
             state = self._step_state(epoch, lr, wd, momentum, micro)
@@ -392,13 +430,20 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
-        if state.freeze_last_layer:
-            self.method.cancel_last_layer_grads(state)
-        self._optimizer_step()
-        self.method.on_after_optimizer_step(state)
+        # A non-finite loss or gradient skips the update (guard.py).  Ranks decide on the all-reduced
+        # gradient norm alone, which they share (a NaN loss makes NaN gradients), so they agree.
+        norm = grad_norm if grad_norm is not None else global_grad_norm(self.trainable)
+        stepped = self.guard.check(loss.detach() if self.world == 1 else None, norm, step=self.step)
+        if stepped:
+            if state.freeze_last_layer:
+                self.method.cancel_last_layer_grads(state)
+            self._optimizer_step()
+            self.method.on_after_optimizer_step(state)
+        else:
+            self.guard.skip(self.optimizer, self.scaler)
         self.step += 1
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "teacher_momentum": momentum,
-                "grad_norm": grad_norm, **metrics}
+                "grad_norm": grad_norm, "stepped": stepped, **self.guard.metrics(), **metrics}
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self, epoch: int) -> Dict[str, float]:
@@ -462,13 +507,14 @@ class Trainer:
 
                     self._old_value_checks = ops.set_value_checks(cfg.value_checks)
                 done_in_epoch += 1
-                loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
-                n_loss += 1
+                if out.pop("stepped"):  # skipped steps' (non-finite) losses stay out of the average
+                    loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
+                    n_loss += 1
                 window_images += n_img
                 epoch_images += n_img
                 if self.step % cfg.log_every == 0 or self.step == stop_at:
-                    loss_val = (loss_sum / n_loss).item()
-                    if not math.isfinite(loss_val):
+                    loss_val = (loss_sum / n_loss).item() if n_loss else float("nan")
+                    if not math.isfinite(loss_val) and not self.guard.enabled:
                         raise FloatingPointError(f"loss is {loss_val} at step {self.step}; stopping "
                                                  f"(try a lower optim.lr or amp=off)")
                     dt = max(1e-9, time.perf_counter() - window_t0)
@@ -530,6 +576,9 @@ class Trainer:
             ops.set_value_checks(self._old_value_checks)
             self._old_value_checks = None
         self.log_sink.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         # close() runs only after a completed fit, so every rank reaches shutdown's barrier.
         D.shutdown(self.dist)
 

@@ -24,7 +24,7 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``evaluate_classifier(loader, device, amp_dtype)``: validation accuracy of the method's classifiers
   (``{"val_top1": ..., "val_top5": ...}``, percent) on the driver's eval loader, logged next to the
   k-NN accuracy; ``{}`` for methods without a classifier (the self-supervised ones).
-* ``param_groups(weight_decay)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
+* ``param_groups(weight_decay, rule)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
   driver's weight-decay schedule; the others keep weight decay 0.
 """
 from __future__ import annotations
@@ -74,22 +74,14 @@ class StepState:
 
 
 def split_decay_params(named_params, skip_names=()) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Split parameters into (decayed, not decayed).
+    """(decayed, not decayed) under timm's rule: biases, 1-D parameters, tokens and position
+    embeddings are exempt, and so is any name containing one of ``skip_names``."""
+    from ..engine.optim import decay_split
 
-    Biases, norm weights (every 1-D parameter), tokens and positional embeddings get no weight
-    decay, as in DINO/iBOT/DeiT.
-    """
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if (p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf
-                or any(s in name for s in skip_names)):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return decay, no_decay
+    named = list(named_params)
+    skipped = [p for n, p in named if p.requires_grad and any(s in n for s in skip_names)]
+    decay, no_decay = decay_split([(n, p) for n, p in named if not any(s in n for s in skip_names)], "timm")
+    return decay, no_decay + skipped
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -166,18 +158,16 @@ class Method(nn.Module):
             return {"": self}
         return {"student": student}
 
-    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+    def param_groups(self, weight_decay: float, rule: str = "dino") -> List[Dict[str, Any]]:
+        """Optimizer groups of the trainable modules under ``rule`` (``optim.decay_groups``: ``dino``
+        or ``timm``, see ``fastmask.engine.optim``)."""
+        from ..engine.optim import weight_decay_groups
+
         named = []
         for prefix, module in self.trainable_modules().items():
             for n, p in module.named_parameters():
                 named.append((f"{prefix}.{n}" if prefix else n, p))
-        decay, no_decay = split_decay_params(named)
-        groups = []
-        if decay:
-            groups.append({"params": decay, "weight_decay": weight_decay, "apply_wd": True})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "apply_wd": False})
-        return groups
+        return weight_decay_groups(named, weight_decay, rule)
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -193,7 +183,8 @@ def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: 
     from ..models import create_vit
 
     m = cfg.model
-    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads") if getattr(m, k, 0)}
+    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads", "no_embed_class") if getattr(m, k, 0)}
+    kwargs["drop_path_schedule"] = getattr(m, "drop_path_schedule", "linear")
     kwargs.update(overrides)
     model = create_vit(m.arch, patch_size=m.patch_size, img_size=m.img_size, num_classes=num_classes,
                        drop_path_rate=m.drop_path_rate if drop_path_rate is None else drop_path_rate, **kwargs)

@@ -57,8 +57,10 @@ class MaskSubConfig(SupervisedConfig):
 
     variant: str = "masksub"
     mask_ratio: float = 0.5  # masksub / masktoken: fraction of patch tokens hidden from the sub-branch
-    sub_drop_rate: float = 0.2  # dropsub: dropout in the sub-branch's blocks
-    sub_drop_path_rate: float = 0.2  # pathsub: drop-path in every block of the sub-branch
+    # The official code has one sub-branch ratio for every variant (naver-ai/augsub deit/main.py
+    # --augsub-ratio, default 0.5: masking ratio, dropout rate or drop-path rate alike).
+    sub_drop_rate: float = 0.5  # dropsub: dropout in the sub-branch's blocks
+    sub_drop_path_rate: float = 0.5  # pathsub: drop-path in every block of the sub-branch
     main_weight: float = 0.5
     sub_weight: float = 0.5
     sequential_backward: bool = True  # main backward before the sub forward (peak memory of one branch)
