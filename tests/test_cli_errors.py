@@ -289,3 +289,86 @@ def test_tensorboard_purge_step_on_resume(tmp_path, monkeypatch):
     log.close()
     assert seen["purge_step"] == 3
     assert _records(tmp_path) == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}]
+
+
+# ------------------------------------------------------------------ eval / export / attention_maps
+
+def _checkpoint_cli_cases(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 not a torch file")
+    return {"missing": (str(tmp_path / "nope.pt"), "nope.pt"), "zero bytes": (str(empty), "is empty (0 bytes)"),
+            "corrupt": (str(junk), "truncated or corrupt")}
+
+
+@pytest.mark.parametrize("prog", ["eval", "export", "attention_maps"])
+@pytest.mark.parametrize("case", ["missing", "zero bytes", "corrupt"])
+def test_checkpoint_clis_user_errors_are_one_line_exit_2(tmp_path, capsys, prog, case):
+    import importlib
+
+    module = importlib.import_module(f"fastmask.{prog}")
+    path, expected = _checkpoint_cli_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    extra = {"eval": ["--out", str(out / "r.json")], "export": ["--out", str(out / "w.safetensors")],
+             "attention_maps": ["--out", str(out)]}[prog]
+    code = module.main([path, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith(f"fastmask.{prog}: "), err
+    assert expected in err[0], err
+    assert not out.exists()
+
+
+def test_driver_attention_maps_have_a_colour_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fastmask.engine.evaluation import attention_figure
+
+    imgs = np.random.default_rng(0).random((3, 16, 16, 3))
+    maps = [np.full((16, 16), v) for v in (0.1, 0.2, 0.4)]
+    fig = attention_figure(plt, imgs, maps)
+    assert len(fig.axes) == 2 * 3 + 1  # the image axes and the colour bar's
+    bar_ax = fig.axes[-1]
+    assert "attention" in bar_ax.get_ylabel()
+    overlays = [ax.images[-1] for ax in fig.axes[3:6]]
+    assert all(im.get_clim() == (0.0, 0.4) for im in overlays)  # one shared scale
+    plt.close(fig)
+
+
+def test_log_lines_print_above_the_progress_bar(monkeypatch):
+    """print() and warnings while the bar is shown: whole lines, each written with the bar cleared
+    and redrawn after it (no log text inside the bar's line)."""
+    import io
+    import sys
+    import warnings
+
+    from fastmask.engine.progress import BarSafeStream, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, out = Terminal(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    bar = progress_bar(total=4, initial=0, file=term)
+    assert isinstance(sys.stdout, BarSafeStream)
+    events = []
+    monkeypatch.setattr(bar, "clear", lambda nolock=False: events.append("clear"))
+    monkeypatch.setattr(bar, "refresh", lambda nolock=False: events.append("refresh"))
+    bar.update(1)
+    print("[fastmask] epoch 1: k-NN", "knn_top1 50.00")
+    print("two", end="")
+    print(" parts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a warning")
+    bar.close()
+    assert sys.stdout is out
+    assert out.getvalue() == "[fastmask] epoch 1: k-NN knn_top1 50.00\ntwo parts\n"
+    assert events[:4] == ["clear", "refresh", "clear", "refresh"]
+    assert "[fastmask]" not in term.getvalue()  # the bar's stream holds only the bar

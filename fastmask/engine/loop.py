@@ -38,6 +38,7 @@ from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
 from .optim import clip_gradients, lamb
 from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in, truncate_metrics
+from .progress import progress_bar
 
 __all__ = ["Trainer", "train", "cosine_schedule", "step_seed", "make_optimizer", "amp_dtype_for"]
 
@@ -469,13 +470,7 @@ class Trainer:
         stop_at = cfg.max_steps if cfg.max_steps > 0 else self.total_steps
         bar = None
         if self.is_main and cfg.progress_bar:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=min(stop_at, self.total_steps), initial=self.step, unit="step",
-                           dynamic_ncols=True, disable=None)
-            except ImportError:
-                bar = None
+            bar = progress_bar(total=min(stop_at, self.total_steps), initial=self.step)  # log lines print above it
         t_run = time.perf_counter()
         loss_sum, n_loss, last = None, 0, {}
         window_images, window_t0 = 0, time.perf_counter()
