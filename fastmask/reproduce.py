@@ -46,7 +46,7 @@ __all__ = ["PAPERS", "Plan", "Run", "load_plan", "paired_difference", "claim_ver
 
 SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce.yaml")
 PAPERS = ("attmask", "random_masking_dino", "maskedkd", "masksub", "maskdistill")
-SCALES = ("cpu", "gpu", "smoke")
+SCALES = ("cpu", "cpu_long", "gpu", "smoke")
 RELATIONS = (">", ">=", "~")
 
 
@@ -393,7 +393,7 @@ def _write_outputs(plan: Plan, results: dict) -> None:
     os.makedirs(plan.out_dir, exist_ok=True)
     results.update(paper=plan.paper, scale=plan.scale, title=plan.title, metric=plan.metric,
                    settings=plan.settings, seeds=plan.seeds, claims=plan.claims,
-                   equivalence_margin=plan.equivalence_margin, settings_file=os.path.relpath(SETTINGS_FILE))
+                   equivalence_margin=plan.equivalence_margin, settings_file="fastmask/reproduce.yaml")
     results["stats"] = summarise(plan, results)
     tmp = os.path.join(plan.out_dir, "results.json.tmp")
     with open(tmp, "w") as f:
