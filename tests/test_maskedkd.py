@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask.config import ModelConfig, TrainConfig
+from fastmask.config import ModelConfig, TeacherConfig, TrainConfig
 from fastmask.flops import FlopMeter, count_flops
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
@@ -290,10 +290,12 @@ def test_recipes_load_and_validate(recipe, keep, tmp_path):
     assert cfg.method_name == "maskedkd" and isinstance(cfg.method, MaskedKDConfig)
     assert cfg.method.teacher_keep == keep and cfg.method.distillation == "soft" and cfg.method.alpha == 0.5
     if recipe == "maskedkd_deits_deitb":
-        assert (cfg.model.arch, cfg.method.teacher_arch, cfg.model.img_size) == ("vit_small", "vit_base", 224)
+        assert (cfg.model.arch, cfg.method.teacher.arch, cfg.model.img_size) == ("vit_small", "vit_base", 224)
         assert resolve_keep(cfg.method.teacher_keep, 196) == 98
-    with pytest.raises(ValueError, match="teacher_checkpoint"):
-        load_config(config=recipe, overrides=[f"method.teacher_checkpoint={tmp_path / 'missing.pth'}"])
+    with pytest.raises(ValueError, match="method.teacher.checkpoint: file not found"):
+        load_config(config=recipe, overrides=[f"method.teacher.checkpoint={tmp_path / 'missing.pth'}"])
+    with pytest.raises(ValueError, match="must match"):
+        load_config(config=recipe, overrides=["method.teacher.patch_size=32"])
 
 
 def test_teacher_loads_from_a_local_deit_checkpoint(tmp_path):
@@ -305,7 +307,7 @@ def test_teacher_loads_from_a_local_deit_checkpoint(tmp_path):
     path = tmp_path / "deit_small.pth"
     torch.save({"model": deit.state_dict()}, path)  # DeiT's checkpoint layout
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=1))
-    cfg.method = MaskedKDConfig(teacher_arch="vit_small", teacher_depth=2, teacher_checkpoint=str(path),
+    cfg.method = MaskedKDConfig(teacher=TeacherConfig(arch="vit_small", depth=2, checkpoint=str(path)),
                                 teacher_keep=16, **NO_MIX)
     MaskedKD.check_config(cfg)
     method = MaskedKD(cfg, NUM_CLASSES)

@@ -23,8 +23,13 @@ def decode_rgb(path: str) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grey (PNG/TIFF): PIL's convert("RGB") clips at 255 instead of scaling.
+            grey = np.asarray(im, dtype=np.int64)
+            arr = np.repeat((np.clip(grey, 0, 65535) // 257).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()
 
 
 class _TransformedFiles(torch.utils.data.Dataset):

@@ -28,13 +28,16 @@ Protocol (see ``fastmask/train.py`` for the caller):
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["Method", "SelfDistillation", "StepState", "build_backbone", "ema_update_", "split_decay_params"]
+__all__ = ["Method", "SelfDistillation", "StepState", "build_backbone", "build_teacher", "ema_update_",
+           "split_decay_params"]
 
 
 @dataclass
@@ -188,6 +191,30 @@ def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: 
 
         load_checkpoint(model, m.checkpoint)
     return model
+
+
+def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 0, img_size=None,
+                  method: str = "the method"):
+    """The frozen teacher ViT described by a ``TeacherConfig`` (MaskedKD and MaskDistill): patch
+    size ``tcfg.patch_size`` (0: ``student_patch``), sized for the student's patch grid (``img_size``
+    defaults to ``student_grid * patch``), loaded from ``tcfg.checkpoint``, eval mode, no gradients."""
+    from ..models import create_vit, load_checkpoint
+
+    patch = tcfg.patch_size or student_patch
+    kwargs = {k: getattr(tcfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(tcfg, k)}
+    if tcfg.pre_norm:
+        kwargs["pre_norm"] = True
+    if tcfg.act_layer:
+        kwargs["act_layer"] = tcfg.act_layer
+    teacher = create_vit(tcfg.arch, patch_size=patch, img_size=img_size or student_grid[0] * patch,
+                         num_classes=num_classes, **kwargs)
+    if tcfg.checkpoint:
+        load_checkpoint(teacher, os.path.expanduser(tcfg.checkpoint), key=tcfg.checkpoint_key)
+    else:
+        warnings.warn(f"{method} without method.teacher.checkpoint: the teacher is randomly initialised, which "
+                      "only makes sense for tests and throughput runs", stacklevel=3)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 class SelfDistillation(Method):

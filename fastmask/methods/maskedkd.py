@@ -22,16 +22,15 @@ teacher's layers really receive) and logged against a full-input teacher as
 """
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..config import TeacherConfig
 from ..flops import FlopMeter, count_flops
-from .base import Method, StepState
+from .base import Method, StepState, build_teacher
 from .supervised import (
     SupervisedConfig,
     TargetMixer,
@@ -56,13 +55,9 @@ FLOP_COUNTERS = ("hooks", "dispatch")
 class MaskedKDConfig(SupervisedConfig):
     """MaskedKD options; defaults are the paper's DeiT-S <- DeiT-B setting (DeiT recipe, soft KD)."""
 
-    teacher_arch: str = "vit_base"
-    teacher_checkpoint: Optional[str] = None  # local timm/DeiT checkpoint; None = random init (tests only)
-    teacher_patch_size: int = 0  # 0: the student's patch size (the two grids must match)
-    # Overrides of the teacher architecture's size (0 = the arch's own), for tiny CPU recipes.
-    teacher_depth: int = 0
-    teacher_embed_dim: int = 0
-    teacher_num_heads: int = 0
+    # The frozen teacher (a local timm/DeiT checkpoint; without one it is random: tests only). Its
+    # patch size must be the student's: the student's CLS map picks the teacher's tokens.
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # Kept patches: a count (>= 1, e.g. 98 of 196) or a fraction of N in (0, 1).  >= N: plain KD.
     teacher_keep: float = 98.0
     student_attn_layer: int = -1  # block whose CLS map ranks the patches (the paper: the last)
@@ -95,11 +90,6 @@ def check_maskedkd_config(cfg: MaskedKDConfig) -> None:
         )
     if cfg.flop_counter not in FLOP_COUNTERS:
         raise ValueError(f"method.flop_counter must be one of {FLOP_COUNTERS}, got {cfg.flop_counter!r}")
-    for k in ("teacher_depth", "teacher_embed_dim", "teacher_num_heads"):
-        if getattr(cfg, k) < 0:
-            raise ValueError(f"method.{k} must be >= 0 (0 = the architecture's own), got {getattr(cfg, k)}")
-    if cfg.teacher_patch_size < 0:
-        raise ValueError(f"method.teacher_patch_size must be >= 0 (0 = the student's), got {cfg.teacher_patch_size}")
 
 
 def resolve_keep(teacher_keep: float, num_patches: int) -> int:
@@ -133,23 +123,10 @@ class MaskedKD(Method):
                  teacher: Optional[nn.Module] = None):
         super().__init__(cfg, num_classes)
         mcfg: MaskedKDConfig = self.mcfg
-        check_maskedkd_config(mcfg)
         self.student = student if student is not None else build_classifier(cfg, num_classes)
-        if teacher is None:
-            patch = mcfg.teacher_patch_size or cfg.model.patch_size
-            from ..models import create_vit, load_checkpoint
-
-            sizes = {k: getattr(mcfg, f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads")
-                     if getattr(mcfg, f"teacher_{k}")}
-            teacher = create_vit(mcfg.teacher_arch, patch_size=patch, img_size=cfg.model.img_size,
-                                 num_classes=num_classes, **sizes)
-            if mcfg.teacher_checkpoint:
-                load_checkpoint(teacher, os.path.expanduser(mcfg.teacher_checkpoint))
-            else:
-                warnings.warn(
-                    "MaskedKD without method.teacher_checkpoint: the teacher is randomly initialised, which only "
-                    "makes sense for tests and throughput runs", stacklevel=2,
-                )
+        if teacher is None:  # it sees the student's images as they are
+            teacher = build_teacher(mcfg.teacher, cfg.model.patch_size, self.student.grid_size,
+                                    num_classes=num_classes, img_size=cfg.model.img_size, method="MaskedKD")
         if tuple(teacher.grid_size) != tuple(self.student.grid_size):
             raise ValueError(
                 f"the teacher's patch grid {tuple(teacher.grid_size)} differs from the student's "
@@ -167,13 +144,10 @@ class MaskedKD(Method):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        mcfg = cfg.method
-        check_maskedkd_config(mcfg)
-        if mcfg.teacher_checkpoint and not os.path.isfile(os.path.expanduser(mcfg.teacher_checkpoint)):
-            raise ValueError(f"method.teacher_checkpoint: file not found: {mcfg.teacher_checkpoint!r}")
-        patch = mcfg.teacher_patch_size or cfg.model.patch_size
-        if cfg.model.img_size % patch:
-            raise ValueError(f"model.img_size={cfg.model.img_size} is not divisible by the teacher's patch size {patch}")
+        patch = cfg.method.teacher.patch_size or cfg.model.patch_size
+        if patch != cfg.model.patch_size:
+            raise ValueError(f"method.teacher.patch_size={patch} differs from model.patch_size={cfg.model.patch_size}: "
+                             "the student's CLS map picks the teacher's tokens, the two grids must match")
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -164,17 +164,12 @@ class MaskSub(Method):
     def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None):
         super().__init__(cfg, num_classes)
         mcfg: MaskSubConfig = self.mcfg
-        check_masksub_config(mcfg)
         if student is None:
             student = build_classifier(cfg, num_classes, layer_scale_init=mcfg.layer_scale_init)
         self.student = student
         self.mixer = TargetMixer(mcfg, num_classes)
         if mcfg.variant == "masktoken" and getattr(self.student, "mask_token", None) is None:
             raise ValueError("variant 'masktoken' needs a model with a mask_token")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_masksub_config(cfg.method)
 
     @property
     def num_patches(self) -> int:

@@ -62,6 +62,9 @@ class SupervisedConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"  # "batch", "pair" or "elem" (timm.data.Mixup's modes)
 
+    def __post_init__(self):
+        check_supervised_config(self)
+
 
 def check_supervised_config(cfg: SupervisedConfig) -> None:
     """Raise ValueError for options that cannot work (called before training starts)."""
@@ -90,7 +93,6 @@ class TargetMixer:
     """
 
     def __init__(self, cfg: SupervisedConfig, num_classes: int):
-        check_supervised_config(cfg)
         self.num_classes = int(num_classes)
         self.smoothing = float(cfg.label_smoothing)
         self.binarize = cfg.loss == "bce" and cfg.bce_binarize_targets
