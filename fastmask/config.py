@@ -19,6 +19,7 @@ checks across sections in :func:`check_train_config` and the method's ``check_co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -60,6 +61,12 @@ class ModelConfig:
     patch_size: int = 16
     img_size: int = 224  # resolution of the global crops / training images
     drop_path_rate: float = 0.1
+    # "linear": timm's rule (rising to drop_path_rate in the last block); "constant": every block
+    # (DeiT-III's models_v2.py, MaskSub's DeiT-III recipes).
+    drop_path_schedule: str = "linear"
+    # No position embedding on the class token (timm's no_embed_class; DeiT-III's ViT adds pos_embed
+    # [1, N, D] to the patches only, then prepends the class token).
+    no_embed_class: bool = False
     checkpoint: Optional[str] = None  # optional local checkpoint to initialise the backbone from
     # Overrides of the architecture's size (0 = the arch's own value); used by the tiny CPU recipes.
     depth: int = 0
@@ -73,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"model.img_size: {self.img_size} is not divisible by model.patch_size={self.patch_size}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model.drop_path_rate: must be in [0, 1), got {self.drop_path_rate}")
+        if self.drop_path_schedule not in ("linear", "constant"):
+            raise ValueError(f"model.drop_path_schedule: must be 'linear' or 'constant', got {self.drop_path_schedule!r}")
         if self.checkpoint and not os.path.isfile(os.path.expanduser(self.checkpoint)):
             raise ValueError(f"model.checkpoint: file not found: {self.checkpoint}")
 
@@ -104,22 +113,41 @@ class TeacherConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | lamb (DeiT-III / MaskSub's fusedlamb, fastmask.engine.optim.lamb)
     lr: float = 5e-4  # base lr for a global batch of 256; the driver scales it by batch/256
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4  # cosine schedule of the weight decay (DINO/iBOT)
     betas: Tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 3.0  # max global grad norm; 0 disables clipping
+    clip_grad: float = 3.0  # max grad norm (per parameter or global, see clip_mode); 0 disables clipping
+    # DINO/iBOT/AttMask clip each parameter's gradient on its own (utils.clip_gradients); "global":
+    # torch.nn.utils.clip_grad_norm_ over all of them (timm/DeiT/BEiT).  fastmask.engine.optim.
+    clip_mode: str = "per_param"
+    # "dino": decay every parameter but biases and 1-D ones (DINO/iBOT utils.get_params_groups);
+    # "timm": also exempt tokens and position embeddings (timm's no_weight_decay, DeiT/MaskSub/MaskedKD).
+    decay_groups: str = "dino"
     freeze_last_layer_epochs: int = 1
     teacher_momentum: float = 0.996  # EMA momentum, cosine schedule to teacher_momentum_end
     teacher_momentum_end: float = 1.0
     scale_lr_by_batch: bool = True
+    # min_lr scaled by batch/256 as well (fastmask's earlier behaviour); false: min_lr is absolute, as
+    # in DINO/iBOT/AttMask (cosine_scheduler(lr * batch / 256, min_lr, ...)) and DeiT/MaskSub/MaskedKD.
+    scale_min_lr: bool = True
+    # Gradient accumulation: an optimizer step every accum_steps loader batches (global batch =
+    # data.batch_size x world size x accum_steps).  Equal to the large batch except where a method
+    # uses batch statistics (DINO/iBOT centre updates per micro-batch, BatchNorm heads).
+    accum_steps: int = 1
 
     def __post_init__(self):
-        if self.optimizer.lower() not in ("adamw",):
-            raise ValueError(f"optim.optimizer: only 'adamw' is supported, got {self.optimizer!r}")
+        from .engine.optim import CLIP_MODES, DECAY_GROUPS, OPTIMIZERS
+
+        if self.optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"optim.clip_mode: must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        if self.decay_groups not in DECAY_GROUPS:
+            raise ValueError(f"optim.decay_groups: must be one of {DECAY_GROUPS}, got {self.decay_groups!r}")
         if not self.lr > 0:
             raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
         if self.min_lr < 0 or self.min_lr > self.lr:
@@ -130,6 +158,8 @@ class OptimConfig:
             raise ValueError("optim.weight_decay: must be >= 0")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad: must be >= 0 (0 disables), got {self.clip_grad}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps: must be >= 1, got {self.accum_steps}")
         if self.freeze_last_layer_epochs < 0:
             raise ValueError(f"optim.freeze_last_layer_epochs: must be >= 0, got {self.freeze_last_layer_epochs}")
         for k in ("teacher_momentum", "teacher_momentum_end"):
@@ -152,8 +182,13 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/fastmask"
     device: str = "auto"  # auto / cpu / cuda / cuda:N
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) / bf16 / fp16 / off
+    amp: str = "auto"  # auto / bf16 / fp16 / off: see fastmask.engine.guard.amp_policy (bf16 on native-bf16 GPUs, fp16 + loss scaling on older ones, off on CPU)
     compile: bool = False
+    # Data parallelism under torchrun: "ddp" (replicas, bucketed all-reduce overlapped with the
+    # backward) or "fsdp" (FSDP2 fully_shard per block of every network, teachers included).
+    parallel: str = "ddp"
+    fsdp_mixed_precision: bool = True  # fsdp: bf16 parameters in compute, float32 gradient reduction
+    ddp_bucket_mb: float = 25.0
     log_every: int = 10
     eval_every: int = 1  # epochs between k-NN evaluations (0: only at the end)
     knn_k: int = 20
@@ -162,12 +197,24 @@ class TrainConfig:
     attn_images: int = 4  # validation images in the attention-map grid (0 disables)
     save_every: int = 1  # epochs between checkpoints
     resume: str = ""  # "" (fresh run), "auto" (output_dir/checkpoint.pt if present) or a path
+    overwrite: bool = False  # a fresh run into a directory holding another run replaces it (else: refused)
     progress_bar: bool = True
     tensorboard: bool = True
     deterministic: bool = False
     # fastmask.ops value checks (index range, NaN scores) sync with the device: keep them for the
     # first step (inputs are checked once), then follow this setting.
     value_checks: bool = False
+    # Numerical safety (fastmask/engine/guard.py): a non-finite loss or gradient norm skips the
+    # step; this many in a row stop the run.
+    skip_nonfinite: bool = True
+    nonfinite_max_consecutive: int = 10
+    # Optional Weights & Biases logging (fastmask/engine/loggers.py), rank 0, beside JSONL/TensorBoard.
+    wandb: bool = False
+    wandb_project: str = "fastmask"
+    wandb_entity: str = ""
+    wandb_mode: str = "online"  # online / offline (wandb sync later) / disabled
+    # Online linear probe at each evaluation (fastmask.eval.linear_probe on the k-NN features): epochs, 0 = off.
+    linear_probe_epochs: int = 0
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -181,9 +228,19 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.max_steps < 0:
         bad("max_steps", f"must be >= 0, got {cfg.max_steps}")
     if cfg.optim.warmup_epochs > cfg.epochs:
-        bad("optim.warmup_epochs", f"must be in [0, epochs={cfg.epochs}], got {cfg.optim.warmup_epochs}")
+        # A short run of a longer recipe (epochs=1, the natural smoke test): warm up for half of it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[fastmask] notice: optim.warmup_epochs={cfg.optim.warmup_epochs:g} does not fit epochs={cfg.epochs}; "
+                  f"warm-up shortened to {cfg.epochs / 2:g} epochs", flush=True)
+        cfg.optim.warmup_epochs = cfg.epochs / 2
     if cfg.amp.lower() not in ("auto", "bf16", "fp16", "off", "on"):
         bad("amp", f"must be one of auto, bf16, fp16, off; got {cfg.amp!r}")
+    if cfg.parallel not in PARALLEL_MODES:
+        bad("parallel", f"must be one of {', '.join(PARALLEL_MODES)}; got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and cfg.amp.lower() == "fp16":
+        bad("amp", "fp16 loss scaling is not supported with parallel=fsdp; use amp=bf16")
+    if not cfg.ddp_bucket_mb > 0:
+        bad("ddp_bucket_mb", f"must be > 0, got {cfg.ddp_bucket_mb}")
     dev = cfg.device.lower()
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
@@ -196,6 +253,12 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad(k, f"must be >= 1, got {getattr(cfg, k)}")
     if cfg.eval_every < 0:
         bad("eval_every", f"must be >= 0, got {cfg.eval_every}")
+    if cfg.nonfinite_max_consecutive < 1:
+        bad("nonfinite_max_consecutive", f"must be >= 1, got {cfg.nonfinite_max_consecutive}")
+    if cfg.wandb_mode not in ("online", "offline", "disabled"):
+        bad("wandb_mode", f"must be online, offline or disabled; got {cfg.wandb_mode!r}")
+    if cfg.linear_probe_epochs < 0:
+        bad("linear_probe_epochs", f"must be >= 0, got {cfg.linear_probe_epochs}")
     img = getattr(cfg.data, "image_size", None)
     if img is not None and img != cfg.model.img_size:
         bad("data.image_size", f"{img} differs from model.img_size={cfg.model.img_size}; set both to the same value")
@@ -265,6 +328,9 @@ def _set(cfg: DictConfig, dotted: str, value, shown: str) -> None:
         value = int(value)
     elif isinstance(value, int) and ref_type is float:
         value = float(value)
+    elif isinstance(value, str) and ref_type is float:
+        with contextlib.suppress(ValueError):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     elif isinstance(value, list) and typing.get_origin(ref_type) is tuple:
         value = tuple(value)  # YAML has no tuples
     elif isinstance(value, str) and value.strip().lower() == "none" and _optional(node, last):

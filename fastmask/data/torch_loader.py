@@ -33,7 +33,9 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 class _TransformedFiles(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[str], labels: Sequence[int], pipeline: str, specs, seed: int):
+    def __init__(self, files: Sequence[str], labels: Sequence[int], pipeline: str, specs, seed: int,
+                 decode=decode_rgb):
+        self.decode = decode
         self.files = list(files)
         self.labels = list(labels)
         self.pipeline = pipeline
@@ -46,7 +48,7 @@ class _TransformedFiles(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key
         try:
-            img = decode_rgb(self.files[index])
+            img = self.decode(self.files[index])
         except Exception as e:  # any decode failure: drop the sample, the batch still goes out
             return None, index, f"cannot decode ({type(e).__name__}: {e})"
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index, 0x70C4))
@@ -95,13 +97,14 @@ class TorchLoader(LoaderBase):
     backend = "torch"
 
     def __init__(self, split: ImageFolderSplit, pipeline: str, specs, plan: ShardPlan, *,
-                 num_workers: int, seed: int, device: torch.device):
+                 num_workers: int, seed: int, device: torch.device, decode=decode_rgb):
         self.split = split
         self.pipeline = pipeline
         self.plan = plan
         self.device = device
         self._sampler = _EpochBatchSampler(plan)
-        dataset = _TransformedFiles(split.files, split.labels, pipeline, specs, seed)
+        # decode: file handle -> uint8 [3, H, W] (paths here; tar members for webdataset shards).
+        dataset = _TransformedFiles(split.files, split.labels, pipeline, specs, seed, decode)
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=self._sampler,

@@ -17,7 +17,8 @@ __all__ = ["evaluate", "extract_features", "knn_accuracy", "save_attention_maps"
 
 
 @torch.no_grad()
-def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int) -> Dict[str, float]:
+def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int,
+             write_images: bool = True) -> Dict[str, float]:
     """k-NN accuracy on the val split (features of the train split as memory), the method's own
     validation metrics (supervised top-1/top-5) and attention maps.  Runs on one process (rank 0):
     the loaders read the whole splits."""
@@ -31,8 +32,13 @@ def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, 
     va_f, va_y = extract_features(backbone, val_eval, device, amp_dtype)
     result = knn_accuracy(tr_f, tr_y, va_f, va_y, num_classes, cfg.knn_k, cfg.knn_temperature)
     result.update(method.evaluate_classifier(val_eval, device, amp_dtype))
+    if getattr(cfg, "linear_probe_epochs", 0) > 0:  # online linear probe on the same frozen features
+        from ..eval import linear_probe
+
+        probe = linear_probe(tr_f, tr_y, va_f, va_y, num_classes, epochs=cfg.linear_probe_epochs)
+        result.update(linear_top1=probe["top1"], linear_best_lr=probe["best_lr"])
     result["eval_seconds"] = time.perf_counter() - t0
-    if cfg.attn_images > 0:
+    if cfg.attn_images > 0 and write_images:
         images = pick_images(val_eval, cfg.attn_images).to(device)
         path = save_attention_maps(backbone, images, os.path.join(out_dir, "attention", f"epoch{epoch + 1:04d}.png"),
                                    amp_dtype)
@@ -111,6 +117,26 @@ def pick_images(loader, n: int) -> torch.Tensor:
     return torch.stack(chosen)
 
 
+def attention_figure(plt, imgs, maps):
+    """Images (top row) and their CLS attention overlaid (bottom row) on one shared colour scale,
+    with a colour bar: the maps of different images and epochs are comparable."""
+    b = len(imgs)
+    fig, axes = plt.subplots(2, b, figsize=(2.2 * b + 0.8, 4.4), squeeze=False, layout="constrained")
+    vmax = float(max(m.max() for m in maps)) or 1.0
+    for i in range(b):
+        axes[0, i].imshow(imgs[i])
+        axes[1, i].imshow(imgs[i])
+        overlay = axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax)
+        axes[0, i].axis("off")
+        axes[1, i].axis("off")
+    axes[0, 0].set_title("image", fontsize=8, loc="left")
+    axes[1, 0].set_title("last-layer CLS attention", fontsize=8, loc="left")
+    bar = fig.colorbar(overlay, ax=axes[1, :].tolist(), shrink=0.9)
+    bar.set_label("attention weight (head mean)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return fig
+
+
 @torch.no_grad()
 def save_attention_maps(backbone, images: torch.Tensor, path: str, amp_dtype=None) -> Optional[str]:
     """A PNG grid: each validation image beside it with its last-layer CLS attention overlaid."""
@@ -139,16 +165,7 @@ def save_attention_maps(backbone, images: torch.Tensor, path: str, amp_dtype=Non
     lo = imgs.amin(dim=(1, 2, 3), keepdim=True)
     hi = imgs.amax(dim=(1, 2, 3), keepdim=True)
     imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-6)).permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(2, b, figsize=(2.2 * b, 4.4), squeeze=False)
-    for i in range(b):
-        axes[0, i].imshow(imgs[i])
-        axes[1, i].imshow(imgs[i])
-        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6)
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
-    axes[0, 0].set_title("image", fontsize=8, loc="left")
-    axes[1, 0].set_title("last-layer CLS attention", fontsize=8, loc="left")
-    fig.tight_layout()
+    fig = attention_figure(plt, imgs, maps)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

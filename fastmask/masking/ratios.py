@@ -6,12 +6,16 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..philox import traced_generator
+
 RatioSpec = Union[float, Tuple[float, float]]
 
 
 def generator_device(generator: Optional[torch.Generator], device) -> torch.device:
     """Where random numbers are drawn: the generator's own device (a generator can only fill tensors
-    there), else the target device."""
+    there), else the target device (also inside torch.compile, which draws from the default generator:
+    ``fastmask.philox.traced_generator``)."""
+    generator = traced_generator(generator)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -22,7 +26,7 @@ def generator_device(generator: Optional[torch.Generator], device) -> torch.devi
 def uniform(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     """float32 U(0, 1) of ``shape`` drawn from ``generator`` and moved to ``device``."""
     draw_on = generator_device(generator, device)
-    u = torch.rand(shape, generator=generator, device=draw_on)
+    u = torch.rand(shape, generator=traced_generator(generator), device=draw_on)
     return u.to(device) if device is not None else u
 
 
@@ -70,11 +74,27 @@ def check_range(name: str, spec, *, closed: bool = False) -> RatioSpec:
     return check_fraction(name, spec, closed=closed)
 
 
-def draw_ratio(spec: RatioSpec, batch: int, generator, device) -> Union[float, torch.Tensor]:
-    """A float stays a float (one ratio for the whole batch); a range becomes a [batch] tensor."""
-    if isinstance(spec, tuple):
+RATIO_PER = ("sample", "batch")
+
+
+def check_ratio_per(value) -> str:
+    if value not in RATIO_PER:
+        raise ValueError(f"ratio_per must be one of {RATIO_PER}, got {value!r}")
+    return value
+
+
+def draw_ratio(spec: RatioSpec, batch: int, generator, device, per: str = "sample") -> Union[float, torch.Tensor]:
+    """A float stays a float (one ratio for the whole batch); a range becomes a [batch] tensor: one
+    draw per row (``per="sample"``), or one draw shared by every row (``per="batch"``, AttMask's
+    ``get_pred_ratio()`` once per iteration).  The shared draw stays on the device (a [batch] tensor
+    of one value, no host synchronisation) and costs no launch more than per-row draws."""
+    if not isinstance(spec, tuple):
+        return spec
+    if per == "sample":
         return sample_ratios(batch, spec[0], spec[1], generator=generator, device=device)
-    return spec
+    low, high = spec
+    u = uniform((1,), generator, device).expand(batch)
+    return (low + (high - low) * u).clamp_(min=low, max=high)
 
 
 def counts_from_ratio(ratio: Union[float, torch.Tensor], num_tokens: int, batch: int, device) -> torch.Tensor:

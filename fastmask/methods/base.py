@@ -14,6 +14,8 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``__init__(cfg, num_classes)``: build networks from ``cfg.model`` and options from ``cfg.method``.
 * ``training_step(batch, state) -> (loss, metrics)``: ``batch`` is what the loader yields, already on
   the device: ``(crops: list[Tensor], labels)`` for multicrop, ``(images, labels)`` for supervised.
+  The driver back-propagates ``loss``; a ``manual_backward`` method under ``state.defer_last_backward``
+  returns the part it has not back-propagated and the total as ``metrics["loss"]``.
 * ``cancel_last_layer_grads(state)``: called after backward (and after gradient unscaling/clipping)
   while ``state.freeze_last_layer`` is True, i.e. during the first ``optim.freeze_last_layer_epochs``.
 * ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
@@ -22,7 +24,7 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``evaluate_classifier(loader, device, amp_dtype)``: validation accuracy of the method's classifiers
   (``{"val_top1": ..., "val_top5": ...}``, percent) on the driver's eval loader, logged next to the
   k-NN accuracy; ``{}`` for methods without a classifier (the self-supervised ones).
-* ``param_groups(weight_decay)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
+* ``param_groups(weight_decay, rule)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
   driver's weight-decay schedule; the others keep weight decay 0.
 """
 from __future__ import annotations
@@ -60,6 +62,10 @@ class StepState:
     freeze_last_layer: bool = False
     rank: int = 0
     world_size: int = 1
+    # A method that runs backward() itself for parts of its loss (``manual_backward``) returns the
+    # last part un-backpropagated when this is True: the driver's backward of it is the one that
+    # averages gradients over ranks (DDP's reducer, overlapped), the earlier ones only accumulate.
+    defer_last_backward: bool = False
 
     @property
     def epoch_float(self) -> float:
@@ -68,22 +74,18 @@ class StepState:
 
 
 def split_decay_params(named_params, skip_names=()) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Split parameters into (decayed, not decayed).
+    """(decayed, not decayed) under timm's rule: biases, 1-D parameters, tokens and position
+    embeddings are exempt, and so is any name containing one of ``skip_names``."""
+    from ..engine.optim import decay_split
 
-    Biases, norm weights (every 1-D parameter), tokens and positional embeddings get no weight
-    decay, as in DINO/iBOT/DeiT.
-    """
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if (p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf
-                or any(s in name for s in skip_names)):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return decay, no_decay
+    named = list(named_params)
+    skipped = [p for n, p in named if p.requires_grad and any(s in n for s in skip_names)]
+    decay, no_decay = decay_split([(n, p) for n, p in named if not any(s in n for s in skip_names)], "timm")
+    return decay, no_decay + skipped
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @torch.no_grad()
@@ -99,8 +101,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         s = s_params.get(name.removeprefix("module."))
         if s is None:
             continue
-        t_list.append(t.data)
-        s_list.append(s.data.to(t.dtype))
+        # FSDP2: teacher and student are sharded alike, so each rank averages its own shards.
+        t_list.append(_local(t.data))
+        s_list.append(_local(s.data).to(t.dtype))
     if t_list:
         torch._foreach_mul_(t_list, momentum)
         torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
@@ -155,18 +158,16 @@ class Method(nn.Module):
             return {"": self}
         return {"student": student}
 
-    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+    def param_groups(self, weight_decay: float, rule: str = "dino") -> List[Dict[str, Any]]:
+        """Optimizer groups of the trainable modules under ``rule`` (``optim.decay_groups``: ``dino``
+        or ``timm``, see ``fastmask.engine.optim``)."""
+        from ..engine.optim import weight_decay_groups
+
         named = []
         for prefix, module in self.trainable_modules().items():
             for n, p in module.named_parameters():
                 named.append((f"{prefix}.{n}" if prefix else n, p))
-        decay, no_decay = split_decay_params(named)
-        groups = []
-        if decay:
-            groups.append({"params": decay, "weight_decay": weight_decay, "apply_wd": True})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "apply_wd": False})
-        return groups
+        return weight_decay_groups(named, weight_decay, rule)
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -182,7 +183,8 @@ def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: 
     from ..models import create_vit
 
     m = cfg.model
-    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads") if getattr(m, k, 0)}
+    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads", "no_embed_class") if getattr(m, k, 0)}
+    kwargs["drop_path_schedule"] = getattr(m, "drop_path_schedule", "linear")
     kwargs.update(overrides)
     model = create_vit(m.arch, patch_size=m.patch_size, img_size=m.img_size, num_classes=num_classes,
                        drop_path_rate=m.drop_path_rate if drop_path_rate is None else drop_path_rate, **kwargs)
