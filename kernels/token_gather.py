@@ -414,8 +414,12 @@ def _reduce_tile(B: int, N: int, D: int, device: torch.device, partial: bool) ->
     return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 4
 
 
-def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype):
+def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype,
+                     backend: str = "triton"):
     """(grad_x [B, N, D] or None, grad_pos [N, D]) of gather_tokens(x, ids, pos_embed), in one pass."""
+    if backend == "cuda":
+        grad_x, grad_pos = _cuda_ops().gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
+        return (grad_x if need_x else None), grad_pos
     B, K, D = grad_out.shape
     grad_x = torch.empty(B, num_tokens, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
     grad_pos = torch.empty(num_tokens, D, dtype=pos_dtype, device=grad_out.device)
@@ -432,8 +436,11 @@ def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int,
     return grad_x, grad_pos
 
 
-def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype):
+def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype, backend: str = "triton"):
     """(grad_x_kept [B, K, D] or None, grad_fill [D]) of scatter_tokens(x_kept, ids, N, fill), in one pass."""
+    if backend == "cuda":
+        grad_x, grad_fill = _cuda_ops().scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
+        return (grad_x if need_x else None), grad_fill
     B, N, D = grad_out.shape
     K = ids.shape[1]
     grad_x = torch.empty(B, K, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
@@ -451,8 +458,12 @@ def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, f
     return grad_x, partial.sum(0).to(fill_dtype)
 
 
-def _mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype):
+def _mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype,
+                         backend: str = "triton"):
     """(grad_x [B, N, D] or None, grad_token [D]) of apply_mask_token(x, mask, token), in one pass."""
+    if backend == "cuda":
+        grad_x, grad_token = _cuda_ops().apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
+        return (grad_x if need_x else None), grad_token
     B, N, D = grad_out.shape
     grad_x = torch.empty(B, N, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
     if B * N * D == 0:
@@ -485,19 +496,14 @@ class _GatherTokens(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
         need_x, _, need_pos, _ = ctx.needs_input_grad
-        grad_x = grad_pos = None
-        if need_pos and ctx.backend == "triton":
+        if need_pos:
             # One pass: grad_x rows written and the batch sum for pos_embed taken on the way.
             shape, dtype = ctx.pos_meta
-            grad_x, grad_pos = _gather_backward(grad_out, ids, ctx.num_tokens, need_x, dtype)
+            grad_x, grad_pos = _gather_backward(grad_out, ids, ctx.num_tokens, need_x, dtype, ctx.backend)
             return grad_x, None, grad_pos.reshape(shape), None
-        if need_x or need_pos:
-            # ids are unique per row, so the scatter is a plain write: no atomics, deterministic.
-            grad_x = _scatter(grad_out, ids, ctx.num_tokens, None, ctx.backend)
-        if need_pos:
-            shape, dtype = ctx.pos_meta
-            grad_pos = grad_x.sum(0, dtype=torch.float32).to(dtype).reshape(shape)
-        return (grad_x if need_x else None), None, grad_pos, None
+        # ids are unique per row, so the scatter is a plain write: no atomics, deterministic.
+        grad_x = _scatter(grad_out, ids, ctx.num_tokens, None, ctx.backend) if need_x else None
+        return grad_x, None, None, None
 
 
 class _ScatterTokens(torch.autograd.Function):
@@ -512,20 +518,13 @@ class _ScatterTokens(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
         need_x, _, _, need_fill, _ = ctx.needs_input_grad
-        grad_x = grad_fill = None
-        if need_fill and ctx.backend == "triton":
+        if need_fill:
             # One pass over grad_out: kept rows gathered, hidden rows summed for the fill.
             shape, dtype = ctx.fill_meta
-            grad_x, grad_fill = _scatter_backward(grad_out, ids, need_x, dtype)
+            grad_x, grad_fill = _scatter_backward(grad_out, ids, need_x, dtype, ctx.backend)
             return grad_x, None, None, grad_fill.reshape(shape), None
-        if need_x or need_fill:
-            grad_x = _gather(grad_out, ids, None, ctx.backend)
-        if need_fill:
-            # The fill reaches every row not in ids: the total minus the kept rows (float32 sums).
-            shape, dtype = ctx.fill_meta
-            total = grad_out.sum((0, 1), dtype=torch.float32)
-            grad_fill = (total - grad_x.sum((0, 1), dtype=torch.float32)).to(dtype).reshape(shape)
-        return (grad_x if need_x else None), None, None, grad_fill, None
+        grad_x = _gather(grad_out, ids, None, ctx.backend) if need_x else None
+        return grad_x, None, None, None, None
 
 
 class _ApplyMaskToken(torch.autograd.Function):
@@ -540,20 +539,13 @@ class _ApplyMaskToken(torch.autograd.Function):
     def backward(ctx, grad_out):
         (mask,) = ctx.saved_tensors
         need_x, _, need_token, _ = ctx.needs_input_grad
-        grad_x = grad_token = None
-        if need_token and ctx.backend == "triton":
+        if need_token:
             # One pass: grad_x written and the hidden rows summed for the mask token.
             shape, dtype = ctx.token_meta
-            grad_x, grad_token = _mask_token_backward(grad_out, mask, need_x, dtype)
+            grad_x, grad_token = _mask_token_backward(grad_out, mask, need_x, dtype, ctx.backend)
             return grad_x, None, grad_token.reshape(shape), None
-        if need_x:
-            grad_x = _mask_token(grad_out, mask, None, ctx.backend)
-        if need_token:
-            shape, dtype = ctx.token_meta
-            hidden = mask.unsqueeze(-1)
-            grad_token = torch.where(hidden, grad_out, 0).sum((0, 1), dtype=torch.float32)
-            grad_token = grad_token.to(dtype).reshape(shape)
-        return grad_x, None, grad_token, None
+        grad_x = _mask_token(grad_out, mask, None, ctx.backend) if need_x else None
+        return grad_x, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -244,6 +244,7 @@ def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
     from fastmask.kernels import cls_attention as ca
+    from fastmask.kernels import cls_row as cr
 
     first = True
     # (dtype, TF32 allowed, head dims): fp16 shares bf16's code but for the dot's input type.
@@ -258,6 +259,10 @@ def attention_cases(compiler: Compiler):
                 q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
                 out = ca.attention(q, k, v, return_cls_attn=export)
                 (out[0] if export else out).sum().backward()
+                if export and not tf32:  # the CLS-row kernel that SDPA candidates run beside
+                    cr.cls_row(q.detach(), k.detach(), head_dim ** -0.5, 1)
+                    q12 = torch.zeros(2, 12, 197, head_dim, dtype=dtype)  # ViT-B's 12 heads: another BLOCK_H
+                    cr.cls_row(q12, q12, head_dim ** -0.5, 1)
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
