@@ -152,7 +152,7 @@ def _crops(case, device, gen):
 
 def _fastmask_runner(cfg, device, amp_dtype):
     from fastmask import ops
-    from fastmask.train import _make_optimizer
+    from fastmask.engine.loop import make_optimizer as _make_optimizer
 
     method = get_method("ibot")(cfg, 10).to(device)
     opt = _make_optimizer(method.param_groups(0.04), 1e-4, (0.9, 0.999), device)

@@ -14,7 +14,7 @@ common=(max_steps=$steps epochs=10 progress_bar=false attn_images=0 eval_every=0
 $py -m fastmask.train --config masksub_tiny_builtin output_dir=$run/teacher \
     model.depth=3 model.embed_dim=96 model.num_heads=2 "${common[@]}"
 $py -m fastmask.train --config maskdistill_tiny_builtin output_dir=$run/student \
-    method.teacher_checkpoint=$run/teacher/checkpoint.pt "${common[@]}"
+    method.teacher.checkpoint=$run/teacher/checkpoint.pt "${common[@]}"
 $py -m fastmask.analyze --checkpoint $run/teacher/checkpoint.pt --checkpoint $run/student/checkpoint.pt \
     --label "supervised teacher" --label "MaskDistill student" \
     --data builtin:shapes --max-batches 4 --no-progress --out $run/analysis

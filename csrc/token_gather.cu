@@ -623,12 +623,6 @@ TORCH_LIBRARY_FRAGMENT(fastmask, m) {
   m.def("scatter_tokens(Tensor x_kept, Tensor ids, int num_tokens, Tensor? fill) -> Tensor");
   m.def("apply_mask_token(Tensor x, Tensor mask, Tensor mask_token) -> Tensor");
   m.def("random_keep(Tensor(a!) ids_keep, Tensor(b!) mask, Tensor(c!) ids_restore, int seed) -> ()");
-  // Fused backwards (grad_x is an empty tensor when need_x is False).
-  m.def("gather_tokens_backward(Tensor grad_out, Tensor ids, int num_tokens, bool need_x, ScalarType pos_dtype)"
-        " -> (Tensor, Tensor)");
-  m.def("scatter_tokens_backward(Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype) -> (Tensor, Tensor)");
-  m.def("apply_mask_token_backward(Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype)"
-        " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
@@ -636,7 +630,9 @@ TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
   m.impl("scatter_tokens", &fastmask::scatter_tokens_cuda);
   m.impl("apply_mask_token", &fastmask::apply_mask_token_cuda);
   m.impl("random_keep", &fastmask::random_keep_cuda);
-  m.impl("gather_tokens_backward", &fastmask::gather_tokens_backward_cuda);
-  m.impl("scatter_tokens_backward", &fastmask::scatter_tokens_backward_cuda);
-  m.impl("apply_mask_token_backward", &fastmask::apply_mask_token_backward_cuda);
+  // The fused backwards (grad_x is an empty tensor when need_x is False); their schemas and fakes are
+  // defined in fastmask/library.py, as fastmask::cuda_<op>.
+  m.impl("cuda_gather_tokens_backward", &fastmask::gather_tokens_backward_cuda);
+  m.impl("cuda_scatter_tokens_backward", &fastmask::scatter_tokens_backward_cuda);
+  m.impl("cuda_apply_mask_token_backward", &fastmask::apply_mask_token_backward_cuda);
 }

@@ -4,12 +4,14 @@
 """
 from . import ops
 from .ops import (
+    KeptTokens,
     MaskedTokens,
     apply_mask_token,
     attention,
     backends,
     cls_attention_mask,
     gather_tokens,
+    random_keep,
     random_masking,
     scatter_tokens,
     topk_tokens,

@@ -9,8 +9,9 @@ never falls back silently.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 from typing import Dict, Optional, Tuple
 
@@ -23,6 +24,7 @@ OP_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "gather_tokens": ("cuda", "triton", "torch"),
     "scatter_tokens": ("cuda", "triton", "torch"),
     "random_masking": ("cuda", "triton", "torch"),
+    "random_keep": ("cuda", "triton", "torch"),
     "apply_mask_token": ("cuda", "triton", "torch"),
     "attention": ("triton", "torch"),
     "topk_tokens": ("cuda", "triton", "torch"),
@@ -35,20 +37,21 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(name: str) -> Tuple[bool, str]:
-    """Whether a backend can be imported at all (independent of where the tensors live)."""
+def _discover(name: str) -> Tuple[bool, str]:
+    """Whether a backend can run at all here (independent of where the tensors live).
+
+    Imports nothing heavy: triton is found, not imported (its backends import it on first launch).
+    """
     if name == "torch":
         return True, "reference implementation, always available"
     if name == "triton":
-        try:
-            import triton  # noqa: F401
-        except Exception as exc:  # pragma: no cover - triton is a hard dependency
-            return False, f"triton is not importable ({exc!r})"
+        if importlib.util.find_spec("triton") is None:  # pragma: no cover - triton is a hard dependency
+            return False, "triton is not installed"
+        version = importlib.metadata.version("triton")
         if torch.cuda.is_available():
-            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+            return True, f"triton {version} on CUDA devices"
         if triton_interpret():
-            return True, f"triton {triton.__version__} interpreter on the CPU (TRITON_INTERPRET=1)"
+            return True, f"triton {version} interpreter on the CPU (TRITON_INTERPRET=1)"
         return False, "no CUDA device, and TRITON_INTERPRET=1 is not set for the CPU interpreter"
     if name == "cuda":
         try:
@@ -60,8 +63,20 @@ def _probe(name: str) -> Tuple[bool, str]:
             )
         if not torch.cuda.is_available():
             return False, "fastmask._C is built but no CUDA device is visible"
-        return True, f"fastmask._C on {torch.cuda.get_device_name()}"
+        return True, "fastmask._C on CUDA devices"
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+# Resolved once, at import, into plain module state: the per-call choice below is then dictionary
+# lookups that torch.compile traces without a graph break (an import or an lru_cache is a break).
+AVAILABLE: Dict[str, Tuple[bool, str]] = {name: _discover(name) for name in BACKENDS}
+
+
+def _probe(name: str) -> Tuple[bool, str]:
+    """(available, why) for a backend, as resolved at import."""
+    if name not in AVAILABLE:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return AVAILABLE[name]
 
 
 def backends() -> Dict[str, Dict[str, object]]:

@@ -32,16 +32,29 @@ from typing import Dict, List, Optional
 import torch
 import yaml
 
+from ._cli import UsageError, run
 from .analysis import ALL_MEASURES, AnalysisConfig, analyze_models
 from .analysis.loading import load_vit_for_analysis
 from .analysis.plots import plot_all
+
+PROG = "fastmask.analyze"
+
+# What each --measures name computes (shown in --help).
+MEASURE_HELP = {
+    "attention": "average attention distance (pixels), attention entropy per head, normalised mutual "
+                 "information (NMI) of attention, per layer",
+    "spectrum": "token- and image-level relative log singular-value spectra of the features",
+    "fourier": "relative log amplitude of the features' Fourier transform (high vs low frequency)",
+    "hessian": "top Hessian eigenvalues (power iteration) and trace (Hutchinson) of the probe loss",
+    "landscape": "2-D loss landscape along the top-2 Hessian eigenvectors",
+}
 
 
 def _parse_model_args(items: List[str]) -> Dict[str, object]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"--model-arg {item!r} must look like key=value (e.g. num_heads=3)")
+            raise UsageError(f"--model-arg {item!r} must look like key=value (e.g. num_heads=3)")
         k, v = item.split("=", 1)
         out[k.strip()] = yaml.safe_load(v)
     return out
@@ -59,8 +72,16 @@ def _label(path: str, prefix: Optional[str], taken: set) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastmask.analyze", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    measures = "\n".join(f"  {name:<10} {MEASURE_HELP[name]}" for name in ALL_MEASURES)
+    p = argparse.ArgumentParser(
+        prog="python -m fastmask.analyze", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="What the layers of one or more ViTs do, side by side (the Masked-Distillation "
+                    "analysis toolkit). Writes OUT/analysis.json and one PNG per measure.",
+        epilog=f"measures (--measures, comma-separated; default: all):\n{measures}\n\n"
+               "example:\n  python -m fastmask.analyze --checkpoint runs/md/checkpoint.pt "
+               "--checkpoint 'runs/md/checkpoint.pt#teacher.' --data builtin:shapes --out analysis/\n"
+               "A checkpoint is a driver checkpoint (PATH#PREFIX picks a sub-module, default the student "
+               "backbone) or a timm-style state dict.")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="PATH or PATH#PREFIX (repeat to compare models side by side)")
     p.add_argument("--label", action="append", default=None, help="display name per checkpoint (in order)")
@@ -101,27 +122,68 @@ def _load_batches(args, img_size: int, device) -> list:
         if len(batches) >= args.max_batches:
             break
     if not batches:
-        raise SystemExit(f"no images in {args.data} ({args.split})")
+        raise UsageError(f"no images in {args.data} ({args.split})")
     return batches
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_batches < 1:
-        raise SystemExit("--max-batches must be >= 1")
+def _check_args(args) -> tuple:
+    """Every check that needs no model or data, before anything is loaded or written."""
+    for name in ("max_batches", "batch_size", "hessian_batches", "top_k", "power_iters", "trace_samples",
+                 "landscape_steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     measures = tuple(m.strip() for m in args.measures.split(",") if m.strip())
+    unknown = [m for m in measures if m not in ALL_MEASURES]
+    if unknown or not measures:
+        raise UsageError(f"unknown measure(s) {', '.join(unknown) or '(none given)'} in --measures; "
+                         f"choose from {','.join(ALL_MEASURES)} (see --help)")
+    if args.label is not None and len(args.label) != len(args.checkpoint):
+        raise UsageError(f"--label given {len(args.label)} times for {len(args.checkpoint)} checkpoints")
+    for spec in args.checkpoint:
+        path = spec.partition("#")[0]
+        if not os.path.isfile(path):
+            raise UsageError(f"checkpoint {path!r} does not exist" if not os.path.exists(path)
+                             else f"checkpoint {path!r} is not a file")
+    if not args.data.startswith("builtin:") and not os.path.isdir(os.path.expanduser(args.data)):
+        raise UsageError(f"--data {args.data!r} is neither builtin:NAME nor an existing ImageFolder directory")
+    if args.data.startswith("builtin:"):
+        from .data.builtin import BUILTIN_DATASETS
+
+        if args.data.split(":", 1)[1] not in BUILTIN_DATASETS:
+            raise UsageError(f"unknown built-in dataset {args.data!r}; choose one of "
+                             f"{', '.join('builtin:' + n for n in BUILTIN_DATASETS)}")
+    if args.device not in ("auto", "cpu") and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} was asked for but no CUDA device is visible; use --device cpu")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    return measures
+
+
+def _load_checkpoint(spec: str, args, num_heads, model_kwargs):
+    path, _, prefix = spec.partition("#")
+    try:
+        return path, prefix, load_vit_for_analysis(path, prefix=prefix or None, arch=args.arch, num_heads=num_heads,
+                                                   model_kwargs=model_kwargs)
+    except (ValueError, KeyError, RuntimeError, EOFError, OSError) as e:
+        # The loader's messages name the problem; a torch zip-reader error or an empty file does not.
+        msg = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        if path not in msg:
+            msg = f"cannot load checkpoint {path}: {msg}"
+        hint = f" (prefix {prefix!r}: check the key names with torch.load)" if prefix else ""
+        raise UsageError(f"{msg}{hint}") from e
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    measures = _check_args(args)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     model_kwargs = _parse_model_args(args.model_arg)
     num_heads = model_kwargs.pop("num_heads", None)
-    if args.label is not None and len(args.label) != len(args.checkpoint):
-        raise SystemExit(f"--label given {len(args.label)} times for {len(args.checkpoint)} checkpoints")
 
     models, infos, taken = {}, {}, set()
     for i, spec in enumerate(args.checkpoint):
-        path, _, prefix = spec.partition("#")
-        model, info = load_vit_for_analysis(path, prefix=prefix or None, arch=args.arch, num_heads=num_heads,
-                                            model_kwargs=model_kwargs)
+        path, prefix, (model, info) = _load_checkpoint(spec, args, num_heads, model_kwargs)
         name = args.label[i] if args.label else _label(path, prefix or None, taken)
         models[name] = model.to(device).float()
         infos[name] = info
@@ -130,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     img_sizes = {int(info["img_size"]) for info in infos.values()}
     img_size = args.img_size or (img_sizes.pop() if len(img_sizes) == 1 else None)
     if img_size is None:
-        raise SystemExit(f"the models expect different resolutions {sorted(img_sizes)}; pass --img-size")
+        raise UsageError(f"the models expect different resolutions {sorted(img_sizes)}; pass --img-size")
     batches = _load_batches(args, img_size, device)
 
     cfg = AnalysisConfig(measures=measures, hessian_batches=args.hessian_batches, hessian_loss=args.hessian_loss,
@@ -154,6 +216,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     figures = plot_all(results, args.out)
     print(f"[analyze] wrote {json_path} and {len(figures)} figures: {', '.join(os.path.basename(p) for p in figures)}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """fastmask's public drop-in ops (autograd-aware).
 
 Every op checks its inputs, picks a backend for the call (see ``fastmask._backend``: ``cuda`` ->
-``triton`` -> ``torch``, or the one forced with ``backend=`` / ``FASTMASK_BACKEND``) and runs it.
-The PyTorch reference in ``fastmask.reference`` is the specification all backends match.
+``triton`` -> ``torch``, or the one forced with ``backend=`` / ``FASTMASK_BACKEND``) and makes one call
+into its registered operator ``torch.ops.fastmask.<op>`` (``fastmask/library.py``: one schema for every
+backend, fakes, autograd), so ``torch.compile(fullgraph=True)``, ``torch.export``, FakeTensor and CUDA
+graphs see through it.  The PyTorch reference in ``fastmask.reference`` is the specification all
+backends match.  Random ops take their seed as a device tensor (``fastmask.philox.seed_tensor``).
 
 Conventions: masks are ``torch.bool`` with True = hidden; index tensors are int64; kept-index rows
 produced by fastmask are sorted ascending.  Bad input raises ``ValueError``/``TypeError`` naming the
@@ -12,26 +15,26 @@ the device; ``set_value_checks(False)`` turns them off for production loops once
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch, library, reference
 from ._backend import OP_BACKENDS, _can_run, backends, select  # noqa: F401  (re-exported)
 from .flops import register_cpu_sdpa_flops
-from .philox import draw_seed
+from .philox import seed_tensor
 from .reference import MaskedTokens
 from .sdist import sdist_loss, sdist_loss_linear  # noqa: F401  (self-distillation loss ops, fastmask/sdist.py)
 
 __all__ = [
+    "KeptTokens",
     "MaskedTokens",
     "apply_mask_token",
     "attention",
     "backends",
     "cls_attention_mask",
     "gather_tokens",
+    "random_keep",
     "random_masking",
     "scatter_tokens",
     "set_value_checks",
@@ -139,13 +142,6 @@ def _measured(op: str, name: str, backend: Optional[str], device: torch.device, 
     return dispatch.choose_backend(op, name, device, tensors, flags, candidates, run_unchecked, grad_tensors)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(module: str):
-    # Imported on first use (triton is only needed by its backends); cached, since launch-bound ops
-    # pay this on every call.
-    return importlib.import_module(f"fastmask.kernels.{module}")
-
-
 # --------------------------------------------------------------------------------------------
 # token gather / scatter / masking
 # --------------------------------------------------------------------------------------------
@@ -179,9 +175,7 @@ def gather_tokens(
     name = select("gather_tokens", x.device, backend)
     name = _measured("gather_tokens", name, backend, x.device, (x, ids, pos_embed), (),
                      lambda impl, x_, p_: gather_tokens(x_, ids, pos_embed=p_, backend=impl), (x, pos_embed))
-    if name == "torch":
-        return reference.gather_tokens(x, ids, pos_embed)
-    return _kernels("token_gather").gather_tokens(x, ids, pos_embed, backend=name)
+    return library.gather_tokens(x, ids, pos_embed, name)
 
 
 def scatter_tokens(
@@ -211,9 +205,7 @@ def scatter_tokens(
     name = select("scatter_tokens", x_kept.device, backend)
     name = _measured("scatter_tokens", name, backend, x_kept.device, (x_kept, ids, fill), (num_tokens,),
                      lambda impl, x_, f_: scatter_tokens(x_, ids, num_tokens, f_, backend=impl), (x_kept, fill))
-    if name == "torch":
-        return reference.scatter_tokens(x_kept, ids, num_tokens, fill)
-    return _kernels("token_gather").scatter_tokens(x_kept, ids, num_tokens, fill, backend=name)
+    return library.scatter_tokens(x_kept, ids, num_tokens, fill, name)
 
 
 def apply_mask_token(
@@ -237,9 +229,55 @@ def apply_mask_token(
     name = select("apply_mask_token", x.device, backend)
     name = _measured("apply_mask_token", name, backend, x.device, (x, mask, mask_token), (),
                      lambda impl, x_, t_: apply_mask_token(x_, mask, t_, backend=impl), (x, mask_token))
-    if name == "torch":
-        return reference.apply_mask_token(x, mask, mask_token)
-    return _kernels("token_gather").apply_mask_token(x, mask, mask_token.reshape(-1), backend=name)
+    return library.apply_mask_token(x, mask, mask_token, name)
+
+
+class KeptTokens(NamedTuple):
+    """Result of ``random_keep``: which tokens a row keeps, as indices and as a mask.
+
+    ids_keep:    [B, K] int64, sorted ascending
+    mask:        [B, N] bool, True = hidden (dropped)
+    ids_restore: [B, N] int64, as in ``MaskedTokens``
+    """
+
+    ids_keep: torch.Tensor
+    mask: torch.Tensor
+    ids_restore: torch.Tensor
+
+
+def _check_count(name: str, value, low: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def random_keep(
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Union[int, torch.Tensor, None] = None,
+    device=None,
+    backend: Optional[str] = None,
+) -> KeptTokens:
+    """MAE's random token choice alone: keep ``K = int(N*(1-mask_ratio))`` tokens per row uniformly at
+    random and return ``KeptTokens(ids_keep, mask, ids_restore)`` together, so token-drop (ids) and
+    mask-token (mask) users need no conversion between them.  The same choice as ``random_masking``
+    for the same seed.  ``seed``: an int or a one-element int64 tensor on ``device``; else drawn on the
+    device from ``generator`` (no host sync, so a replayed CUDA graph draws a new choice each replay).
+    """
+    _check_count("batch_size", batch_size)
+    _check_count("num_tokens", num_tokens)
+    _check_ratio("mask_ratio", mask_ratio, batch_size)
+    if isinstance(mask_ratio, torch.Tensor):
+        raise TypeError("mask_ratio must be a float for random_keep (K is the same for every row)")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    device = torch.device(device)
+    seed_t = seed_tensor(generator, seed, device)
+    keep = reference.keep_count(num_tokens, mask_ratio)
+    name = select("random_keep", device, backend)
+    return KeptTokens(*library.random_keep(seed_t, batch_size, num_tokens, keep, name))
 
 
 def random_masking(
@@ -247,15 +285,17 @@ def random_masking(
     mask_ratio: float,
     *,
     generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    seed: Union[int, torch.Tensor, None] = None,
     pos_embed: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> MaskedTokens:
     """MAE-style random masking: keep ``K = int(N*(1-mask_ratio))`` tokens per row uniformly at random.
 
-    The random choice comes from Philox keyed by ``seed`` (or a seed drawn from ``generator``, or from
-    torch's default generator), identical on every backend.  ``pos_embed`` is added to the kept tokens
-    as in ``gather_tokens``.  Returns ``MaskedTokens(x_kept, mask, ids_keep, ids_restore)``.
+    The random choice comes from Philox keyed by ``seed`` (an int or a one-element int64 tensor; else
+    a seed drawn on x's device from ``generator``, or from that device's default generator), identical
+    on every backend.  ``pos_embed`` is added to the kept tokens as in ``gather_tokens``.  Returns
+    ``MaskedTokens(x_kept, mask, ids_keep, ids_restore)``: the operators ``random_keep`` then
+    ``gather_tokens``.
     """
     _check_tensor("x", x, 3, "[B, N, D]")
     _check_float("x", x)
@@ -263,18 +303,14 @@ def random_masking(
     if isinstance(mask_ratio, torch.Tensor):
         raise TypeError("mask_ratio must be a float for random_masking (K is the same for every row)")
     _check_pos_embed(pos_embed, x)
-    seed = draw_seed(generator, seed)
-    name = select("random_masking", x.device, backend)
-    name = _measured("random_masking", name, backend, x.device, (x, pos_embed), (mask_ratio,),
-                     lambda impl, x_, p_: random_masking(x_, mask_ratio, seed=seed, pos_embed=p_, backend=impl).x_kept,
-                     (x, pos_embed))
-    if name == "torch":
-        return reference.random_masking(x, mask_ratio, seed, pos_embed)
     B, N, _ = x.shape
-    keep = reference.keep_count(N, mask_ratio)
-    mod = _kernels("token_gather")
-    ids_keep, mask, ids_restore = mod.random_keep(B, N, keep, seed, x.device, backend=name)
-    x_kept = mod.gather_tokens(x, ids_keep, pos_embed, backend=name)
+    name = select("random_masking", x.device, backend)
+    seed_t = seed_tensor(generator, seed, x.device)
+    name = _measured("random_masking", name, backend, x.device, (x, pos_embed), (mask_ratio,),
+                     lambda impl, x_, p_: random_masking(x_, mask_ratio, seed=seed_t, pos_embed=p_, backend=impl).x_kept,
+                     (x, pos_embed))
+    ids_keep, mask, ids_restore = library.random_keep(seed_t, B, N, reference.keep_count(N, mask_ratio), name)
+    x_kept = library.gather_tokens(x, ids_keep, pos_embed, name)
     return MaskedTokens(x_kept, mask, ids_keep, ids_restore)
 
 
@@ -310,6 +346,9 @@ def attention(
         raise ValueError(f"num_prefix_tokens must be an int in [1, L={q.shape[2]}], got {num_prefix_tokens!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale, return_cls_attn = float(scale), bool(return_cls_attn)
     name = select("attention", q.device, backend)
     if not dispatch.forced(backend):
         name = dispatch.choose_backend(
@@ -321,60 +360,21 @@ def attention(
     return _run_attention(name, q, k, v, scale, return_cls_attn, num_prefix_tokens)
 
 
-# Measured-dispatch candidates besides the backends: SDPA with one backend each (the CLS map from the
-# one-launch CLS-row kernel where Triton runs, else from query 0's score row in torch).
-SDPA_BACKENDS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-                 "sdpa_efficient": "EFFICIENT_ATTENTION"}
-
-
 def _attention_candidates(device: torch.device) -> Tuple[str, ...]:
+    # Measured-dispatch candidates besides the backends: SDPA with one backend each (the CLS map from
+    # the one-launch CLS-row kernel where Triton runs, else from query 0's score row in torch).
     names = tuple(n for n in ("triton", "torch") if _can_run(n, "attention", device)[0])
-    return names + (tuple(SDPA_BACKENDS) if device.type == "cuda" else ())
+    return names + (tuple(library.SDPA_BACKENDS) if device.type == "cuda" else ())
 
 
-def _run_attention(impl: str, q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int):
-    if impl == "triton":
-        return _kernels("cls_attention").attention(
-            q, k, v, scale=scale, return_cls_attn=return_cls_attn, num_prefix_tokens=num_prefix_tokens
-        )
-    sdpa = SDPA_BACKENDS.get(impl)
-    if impl != "torch" and sdpa is None:
-        raise ValueError(f"unknown attention implementation {impl!r}")
-    cls_kernel = return_cls_attn and impl != "torch" and _can_run("triton", "attention", q.device)[0]
-    return _torch_attention(q, k, v, scale, return_cls_attn, num_prefix_tokens, sdpa, cls_kernel)
+def _run_attention(impl: str, q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int):
+    out, cls_attn, _ = library.attention(q, k, v, scale, return_cls_attn, num_prefix_tokens, impl)
+    if not return_cls_attn:
+        return out
+    return out, cls_attn.detach()  # the map carries no gradient (the contract)
 
 
-register_cpu_sdpa_flops()  # the torch backend below runs SDPA: CPU FLOP counts must see it
-
-
-def _torch_attention(q, k, v, scale, return_cls_attn: bool, num_prefix_tokens: int,
-                     sdpa_backend: Optional[str] = None, cls_kernel: bool = False):
-    """The ``torch`` backend: ``reference.attention``'s result without its [B, H, L, L] matrix.
-
-    ``out`` comes from ``F.scaled_dot_product_attention`` (PyTorch's fused kernels on CPU and GPU; the
-    math one inside ``sdpa_kernel(MATH)``, which double backward needs), the CLS map from the score
-    row of query 0 alone ([B, H, 1, L] in float32).  Autocast is off, as in the reference: the map is
-    float32 and ``out`` keeps the inputs' dtype.  ``sdpa_backend`` (an ``SDPBackend`` name) pins SDPA
-    to one backend; ``cls_kernel`` takes the map from the one-launch Triton CLS-row kernel instead.
-    """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    with torch.autocast(q.device.type, enabled=False):
-        if sdpa_backend is None:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(getattr(SDPBackend, sdpa_backend)):
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        if not return_cls_attn:
-            return out
-        if cls_kernel:
-            return out, _kernels("cls_row").cls_row(q.detach(), k.detach(), scale, num_prefix_tokens)
-        with torch.no_grad():
-            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
-            cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
-    return out, cls_attn
+register_cpu_sdpa_flops()  # the torch backend runs SDPA: CPU FLOP counts must see it
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,18 +402,15 @@ def topk_tokens(
     name = select("topk_tokens", scores.device, backend)
     name = _measured("topk_tokens", name, backend, scores.device, (scores,), (k, largest),
                      lambda impl: topk_tokens(scores, k, largest=largest, backend=impl))
-    if name == "torch":
-        return reference.topk_tokens(scores, k, largest)
-    return _kernels("topk_mask").topk_tokens(scores, k, largest, backend=name)
+    return library.topk_tokens(scores, k, bool(largest), name)
 
 
-def _ratio_or_count(ratio: Union[float, torch.Tensor], num_tokens: int) -> Tuple[Optional[torch.Tensor], int]:
-    """A per-row ratio tensor goes to the kernels as it is (they compute floor(float64(r) * N) per row,
-    sparing four elementwise launches); a float becomes one count for every row, as in
-    ``reference.counts_per_row``."""
+def _per_row_or_float(ratio: Union[float, torch.Tensor, None]) -> Tuple[Optional[torch.Tensor], float]:
+    """The schema's two slots for a ratio: a per-row [B] tensor (the kernels compute
+    floor(float64(r) * N) per row, sparing four elementwise launches), or one float for every row."""
     if isinstance(ratio, torch.Tensor):
-        return ratio, 0
-    return None, int(ratio * num_tokens)
+        return ratio, 0.0
+    return None, float(ratio or 0.0)
 
 
 def cls_attention_mask(
@@ -455,26 +452,16 @@ def cls_attention_mask(
             max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
             if int(max_shown * N) > int(show_max * N):
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")
-    seed = draw_seed(generator, seed)
     name = select("cls_attention_mask", cls_attn.device, backend)
+    seed_t = seed_tensor(generator, seed, cls_attn.device)
     name = _measured("cls_attention_mask", name, backend, cls_attn.device,
                      (cls_attn, *(r for r in (ratio, show_ratio) if isinstance(r, torch.Tensor))),
                      (mode, mask_prob > 0 and mask_prob < 1, isinstance(ratio, torch.Tensor)),
                      lambda impl: cls_attention_mask(cls_attn, ratio, mode=mode, mask_prob=mask_prob, show_max=show_max,
-                                                     show_ratio=show_ratio, seed=seed, backend=impl))
-    if name == "torch":
-        return reference.cls_attention_mask(cls_attn, ratio, seed, mode, mask_prob, show_max, show_ratio)
-    ratio_per_row, num_masked = _ratio_or_count(ratio, N)
-    show_per_row, num_shown = _ratio_or_count(show_ratio if mode == "hint" else 0.0, N)
-    return _kernels("topk_mask").cls_attention_mask(
-        cls_attn,
-        ratio_per_row,
-        seed,
-        mode=mode,
-        gate_threshold=reference.gate_threshold(mask_prob),
-        num_candidates=int(show_max * N),
-        show_ratio=show_per_row,
-        num_masked=num_masked,
-        num_shown=num_shown,
-        backend=name,
+                                                     show_ratio=show_ratio, seed=seed_t, backend=impl))
+    ratio_per_row, ratio_value = _per_row_or_float(ratio)
+    show_per_row, show_value = _per_row_or_float(show_ratio if mode == "hint" else None)
+    return library.cls_attention_mask(
+        cls_attn, ratio_per_row, ratio_value, seed_t, mode, float(mask_prob), float(show_max),
+        show_per_row, show_value, name,
     )

@@ -9,10 +9,15 @@ kernels draw identical numbers, and a run is reproducible from its seed alone.
 Streams used by the ops (``lane`` is which of the four 32-bit outputs is read):
   * per token ``(b, n)``: ``offset = b * N + n``, lane 0 (random-masking noise, hint keys)
   * per row ``b``: ``offset = b``, lane 1 (AttMask gate)
+
+The ops take the seed as a one-element int64 *tensor* on the tensors' device, which every kernel
+reads itself: drawing it (``seed_tensor``) is a device op, so a captured CUDA graph draws a new
+seed on each replay (PyTorch's CUDA generators advance their Philox offset per replay) and nothing
+on a masked path reads a number back to the host.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -35,13 +40,21 @@ def _mul32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox4x32(seed: int, offset: torch.Tensor, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
-    """Four uint32 streams (as int64 tensors in [0, 2**32)) for counters ``offset`` under ``seed``."""
+def philox4x32(seed: Union[int, torch.Tensor], offset: torch.Tensor, rounds: int = 10) -> Tuple[torch.Tensor, ...]:
+    """Four uint32 streams (as int64 tensors in [0, 2**32)) for counters ``offset`` under ``seed``.
+
+    ``seed``: an int, or a one-element int64 tensor (its 64 bits are the key, as in the kernels).
+    ``offset`` must lie in [0, 2**32) (the ops build their counters in range; not checked, since a
+    check would read the values back and break graph capture).
+    """
     offset = offset.to(torch.int64)
-    if (offset < 0).any() or (offset > _M32).any():
-        raise ValueError("philox offsets must lie in [0, 2**32)")
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=offset.device, dtype=torch.int64)
+        # Two's complement: the arithmetic shift then the mask gives the high word's bits.
+        k0, k1 = seed & _M32, (seed >> 32) & _M32
+    else:
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0 = offset
     c1 = torch.zeros_like(offset)
     c2 = torch.zeros_like(offset)
@@ -91,3 +104,36 @@ def draw_seed(generator: Optional[torch.Generator] = None, seed: Optional[int] =
         return seed_from_generator_state(generator.initial_seed(), offset)
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+
+
+SEED_HIGH = 2**31 - 1  # seeds drawn from generators lie in [0, SEED_HIGH), as ``draw_seed``'s always did
+
+
+def seed_tensor(
+    generator: Optional[torch.Generator] = None, seed: Optional[int] = None, device=None
+) -> torch.Tensor:
+    """The Philox seed of one op call as a one-element int64 tensor on ``device``, without a host sync.
+
+    ``seed`` (an int, or already a one-element integer tensor) wins; else 31 random bits are drawn on
+    the device from ``generator`` (the device's default generator when None: ``torch.manual_seed``
+    makes runs reproducible).  A CPU draw gives the same seed ``draw_seed`` returned for the same
+    generator state, so seeded CPU runs keep their masks.  Traceable by torch.compile (no ``.item()``)
+    and replayed correctly by CUDA graphs (the draw is a device op whose Philox offset advances per replay).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if seed is not None:
+        if isinstance(seed, torch.Tensor):
+            if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"seed as a tensor must hold one int64 value, got {seed.dtype} {tuple(seed.shape)}")
+            return seed.reshape(1).to(device=device, dtype=torch.int64)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        # A fill, not a host-to-device copy: nothing waits.  Philox keys on the low 64 bits.
+        seed = seed & 0xFFFFFFFFFFFFFFFF
+        return torch.full((1,), seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        drawn = torch.randint(0, SEED_HIGH, (1,), generator=generator, device=generator.device)
+        return drawn.to(device, non_blocking=True)
+    return torch.randint(0, SEED_HIGH, (1,), device=device)

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .philox import philox4x32
+from .philox import philox4x32, seed_tensor
 
 
 class MaskedTokens(NamedTuple):
@@ -63,11 +63,13 @@ def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tens
     return torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype).reshape(1, 1, -1), x)
 
 
-def token_keys(seed: int, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Unique random int64 sort keys per token: ``philox lane 0 at offset b*N+n``, times N, plus n."""
-    offsets = torch.arange(batch * num_tokens, dtype=torch.int64).reshape(batch, num_tokens)
+def token_keys(seed, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """Unique random int64 sort keys per token: ``philox lane 0 at offset b*N+n``, times N, plus n.
+
+    ``seed``: an int or a one-element int64 tensor (see ``fastmask.philox``)."""
+    offsets = torch.arange(batch * num_tokens, dtype=torch.int64, device=device).reshape(batch, num_tokens)
     r0 = philox4x32(seed, offsets)[0]
-    return (r0 * num_tokens + torch.arange(num_tokens, dtype=torch.int64)).to(device)
+    return r0 * num_tokens + torch.arange(num_tokens, dtype=torch.int64, device=device)
 
 
 def keep_count(num_tokens: int, mask_ratio: float) -> int:
@@ -86,15 +88,24 @@ def masks_from_keep(ids_keep: torch.Tensor, num_tokens: int) -> Tuple[torch.Tens
     return mask, ids_restore
 
 
+def random_keep(seed, batch: int, num_tokens: int, keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``fastmask::random_keep`` op: ``(ids_keep [B, K] sorted, mask [B, N], ids_restore [B, N])``
+    keeping, per row, the ``keep`` tokens with the smallest random keys; on ``seed``'s device (a
+    one-element int64 tensor; an int seed builds on the CPU)."""
+    keys = token_keys(seed, batch, num_tokens, seed.device if isinstance(seed, torch.Tensor) else "cpu")
+    ids_keep = torch.sort(torch.argsort(keys, dim=1)[:, :keep], dim=1).values
+    mask, ids_restore = masks_from_keep(ids_keep, num_tokens)
+    return ids_keep, mask, ids_restore
+
+
 def random_masking(
-    x: torch.Tensor, mask_ratio: float, seed: int, pos_embed: Optional[torch.Tensor] = None
+    x: torch.Tensor, mask_ratio: float, seed, pos_embed: Optional[torch.Tensor] = None
 ) -> MaskedTokens:
-    """MAE-style masking: keep the ``K = int(N*(1-mask_ratio))`` tokens with the smallest random keys."""
+    """MAE-style masking: keep the ``K = int(N*(1-mask_ratio))`` tokens with the smallest random keys
+    (``random_keep``), then gather them (``gather_tokens``)."""
     B, N, _ = x.shape
-    K = keep_count(N, mask_ratio)
-    keys = token_keys(seed, B, N, x.device)
-    ids_keep = torch.sort(torch.argsort(keys, dim=1)[:, :K], dim=1).values
-    mask, ids_restore = masks_from_keep(ids_keep, N)
+    seed = seed.to(x.device) if isinstance(seed, torch.Tensor) else seed_tensor(seed=seed, device=x.device)
+    ids_keep, mask, ids_restore = random_keep(seed, B, N, keep_count(N, mask_ratio))
     return MaskedTokens(gather_tokens(x, ids_keep, pos_embed), mask, ids_keep, ids_restore)
 
 
@@ -149,17 +160,23 @@ def gate_threshold(mask_prob: float) -> int:
 
 def cls_attention_mask(
     cls_attn: torch.Tensor,
-    ratio: Union[float, torch.Tensor],
-    seed: int,
+    ratio_per_row: Optional[torch.Tensor],
+    ratio: float,
+    seed,
     mode: str = "high",
     mask_prob: float = 1.0,
     show_max: float = 0.1,
-    show_ratio: Union[float, torch.Tensor, None] = None,
+    show_ratio_per_row: Optional[torch.Tensor] = None,
+    show_ratio: float = 0.0,
 ) -> torch.Tensor:
-    """AttMask masks from a CLS attention map [B, N]; True = hidden. See ``fastmask.ops`` for the contract."""
+    """The ``fastmask::cls_attention_mask`` op: AttMask masks from a CLS attention map [B, N]; True = hidden.
+
+    ``ratio_per_row`` ([B] float) when given, else ``ratio`` for every row (likewise ``show_ratio``);
+    ``seed`` an int or a one-element int64 tensor.  See ``fastmask.ops.cls_attention_mask``.
+    """
     B, N = cls_attn.shape
     device = cls_attn.device
-    num_masked = counts_per_row(ratio, N, B, device)
+    num_masked = counts_per_row(ratio if ratio_per_row is None else ratio_per_row, N, B, device)
     rank = rank_tokens(cls_attn, largest=(mode != "low"))
     mask = rank < num_masked[:, None]
     if mode == "hint":
@@ -167,11 +184,10 @@ def cls_attention_mask(
         candidates = rank < int(show_max * N)
         keys = token_keys(seed, B, N, device)
         keys = torch.where(candidates, keys, torch.iinfo(torch.int64).max)
-        num_shown = counts_per_row(show_ratio, N, B, device)
+        num_shown = counts_per_row(show_ratio if show_ratio_per_row is None else show_ratio_per_row, N, B, device)
         revealed = (rank_tokens(keys, largest=False) < num_shown[:, None]) & candidates
         mask = mask & ~revealed
     if mask_prob < 1.0:
-        gate = philox4x32(seed, torch.arange(B, dtype=torch.int64))[1] < gate_threshold(mask_prob)
-        mask = mask & gate.to(device)[:, None]
+        gate = philox4x32(seed, torch.arange(B, dtype=torch.int64, device=device))[1] < gate_threshold(mask_prob)
+        mask = mask & gate[:, None]
     return mask
-

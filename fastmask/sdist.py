@@ -182,7 +182,7 @@ def _sdist_linear_op(z: Tensor, weight: Tensor, teacher: Tensor, center: Tensor,
     stats, _ = _primitives(backend)
     parts = []
     for k0, k1 in _slices(weight.shape[0], z.shape[0], backend, slice_width):
-        logits = z @ weight[k0:k1].t()
+        logits = z @ weight[k0:k1].to(z.dtype).t()
         for j0, j1 in _slices(k1 - k0, z.shape[0] + teacher.shape[0], backend):
             parts.append(stats(logits[:, j0:j1], teacher[:, k0 + j0:k0 + j1], center[k0 + j0:k0 + j1],
                                batch, inv_ts, inv_tt))
@@ -206,14 +206,14 @@ def _sdist_linear_backward_op(grad_loss: Tensor, z: Tensor, weight: Tensor, teac
     grad_z = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
     grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format)
     for k0, k1 in _slices(weight.shape[0], z.shape[0], backend, slice_width):
-        w = weight[k0:k1]
+        w = weight[k0:k1].to(z.dtype)
         logits = z @ w.t()  # recomputed: the forward kept nothing of this size
         g_logits = torch.empty_like(logits)
         for j0, j1 in _slices(k1 - k0, z.shape[0] + teacher.shape[0], backend):
             grad(logits[:, j0:j1], teacher[:, k0 + j0:k0 + j1], center[k0 + j0:k0 + j1], s_lse, t_lse, coef,
                  1.0 / student_temp, 1.0 / teacher_temp, g_logits[:, j0:j1])
-        grad_z += (g_logits @ w.to(g_logits.dtype)).float()
-        grad_w[k0:k1] = (g_logits.t() @ z.to(g_logits.dtype)).to(weight.dtype)
+        grad_z += (g_logits @ w).float()
+        grad_w[k0:k1] = (g_logits.t() @ z).to(weight.dtype)
     return grad_z.to(z.dtype), grad_w
 
 
@@ -299,8 +299,8 @@ def sdist_loss_linear(z: Tensor, weight: Tensor, teacher: Tensor, center: Tensor
     """``sdist_loss(z @ weight.T, ...)`` without the student logits ever existing in full.
 
     z [V*B, D] (the head's normalised bottleneck), weight [K, D] (the last layer's weight, e.g.
-    ``WeightNormLinear.weight``, already normalised; cast to z's dtype as ``F.linear`` under AMP
-    would); gradients flow to both.
+    ``WeightNormLinear.weight``, already normalised; each slice is cast to z's dtype as ``F.linear``
+    under AMP would); gradients flow to both (``weight``'s in its own dtype).
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not isinstance(z, Tensor) or z.dim() != 2 \
             or weight.shape[1] != z.shape[1]:
@@ -311,5 +311,6 @@ def sdist_loss_linear(z: Tensor, weight: Tensor, teacher: Tensor, center: Tensor
     center, pair_weight, row_weight = _check(z, teacher, center, student_temp, teacher_temp, pair_weight,
                                              row_weight, weight.shape[0], "z")
     name = select("sdist_loss", z.device, backend)
-    return _sdist_linear_op(z, weight.to(z.dtype), teacher.detach(), center, pair_weight, row_weight,
+    # The weight is cast one slice at a time (a bf16 copy of all of it would be saved otherwise).
+    return _sdist_linear_op(z, weight, teacher.detach(), center, pair_weight, row_weight,
                             float(student_temp), float(teacher_temp), slice_width, name)[0]

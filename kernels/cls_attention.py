@@ -1,6 +1,7 @@
 """Softmax attention that also exports the CLS attention map: Triton forward and backward.
 
-``attention(q, k, v, scale=, return_cls_attn=, num_prefix_tokens=)`` computes
+``attention_forward`` / ``attention_backward`` (the Triton implementations of the operators
+``fastmask::attention`` / ``attention_backward``, registered in ``fastmask/library.py``) compute
 ``softmax(q k^T * scale) v`` for q, k, v [B, H, L, Dh] with a FlashAttention-2 style online softmax:
 one program per (query block, batch*head) streams the key/value blocks through registers and never
 builds the [B, H, L, L] score matrix.  With ``return_cls_attn`` it also returns
@@ -37,13 +38,13 @@ the CPU interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import cdiv, next_power_of_2
 
@@ -488,7 +489,7 @@ def attention_forward(
         out.zero_()
         cls = cls_head.sum(1) if return_cls_attn else None
         return out, lse.zero_(), cls
-    _fwd[_grid_rows(B, H, L, "BLOCK_M")](
+    wrap_triton(_fwd)[_grid_rows(B, H, L, "BLOCK_M")](
         q, k, v, out, lse, cls_head,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, L, Dh, num_prefix_tokens, scale * LOG2E,
@@ -518,62 +519,21 @@ def attention_backward(
     precision = _dot_precision(q.dtype)
     upcast = _upcast_bf16(q.dtype)
     delta = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(cdiv(L, _DELTA_BLOCK_M) * B * H,)](
+    wrap_triton(_attn_bwd_delta_kernel)[(cdiv(L, _DELTA_BLOCK_M) * B * H,)](
         out, dout, delta, *_strides(out), *_strides(dout), H, L, Dh, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
     if need_dkdv:
-        _bwd_dkdv[_grid_rows(B, H, L, "BLOCK_N")](
+        wrap_triton(_bwd_dkdv)[_grid_rows(B, H, L, "BLOCK_N")](
             q, k, v, dout, lse, delta, dk, dv, *common, *_strides(dk),
             H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, TAIL_M=_TAIL,
             DOT_PRECISION=_dkdv_precision(precision, block_d), UPCAST_BF16=upcast,
             **_FIXED_BLOCKS,
         )
     if need_dq:
-        _bwd_dq[_grid_rows(B, H, L, "BLOCK_M")](
+        wrap_triton(_bwd_dq)[_grid_rows(B, H, L, "BLOCK_M")](
             q, k, v, dout, lse, delta, dq, *common, *_strides(dq),
             H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, TAIL_N=_TAIL, DOT_PRECISION=precision, UPCAST_BF16=upcast,
             **_FIXED_BLOCKS,
         )
     return dq, dk, dv
-
-
-class _ClsAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, return_cls_attn, num_prefix_tokens):
-        out, lse, cls = attention_forward(q, k, v, scale, return_cls_attn, num_prefix_tokens)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        if cls is None:
-            return out
-        ctx.mark_non_differentiable(cls)
-        return out, cls
-
-    @staticmethod
-    def backward(ctx, dout, *unused_cls_grad):
-        q, k, v, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, need_q, need_k or need_v)
-        if not need_k:
-            dk = None
-        if not need_v:
-            dv = None
-        return dq, dk, dv, None, None, None
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: Optional[float] = None,
-    return_cls_attn: bool = False,
-    num_prefix_tokens: int = 1,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Triton attention; see the module docstring.  Inputs are assumed valid (``fastmask.ops`` checks)."""
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return _ClsAttentionFunction.apply(q, k, v, scale, bool(return_cls_attn), int(num_prefix_tokens))

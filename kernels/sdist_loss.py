@@ -33,8 +33,14 @@ _GPU_BLOCK_K = 1024
 _INTERPRETER_BLOCK_K = 256
 
 
+def _gpu_launch(device: torch.device) -> bool:
+    """GPU block sizes for tensors on ``device`` (else the interpreter's); one switch, so that
+    ``tests/compile_for_gpu.py`` can compile the GPU configuration from CPU tensors."""
+    return device.type == "cuda"
+
+
 def _block_k(K: int, device: torch.device) -> int:
-    cap = _GPU_BLOCK_K if device.type == "cuda" else _INTERPRETER_BLOCK_K
+    cap = _GPU_BLOCK_K if _gpu_launch(device) else _INTERPRETER_BLOCK_K
     return max(16, min(cap, next_power_of_2(K)))
 
 

@@ -16,18 +16,19 @@ smallest by bisecting its value (a few dozen row reductions, no sort), keeps the
 and lays out ``ids_keep``/``ids_restore`` with prefix sums.  (The CUDA kernel bitonic-sorts the keys
 in shared memory instead; both give the same K tokens.)
 
-Functions here assume valid input (``fastmask.ops`` checks it) and take ``backend`` in
-{"triton", "cuda"}; "cuda" calls the ops registered by the extension (``torch.ops.fastmask.*``,
-sources in ``csrc/token_gather.cu``) inside the same autograd Functions.
+The entry points at the bottom are the Triton implementations of the operators ``fastmask::gather_tokens``,
+``scatter_tokens``, ``apply_mask_token`` and ``random_keep`` (``fastmask/library.py`` registers them, with
+their fakes and backwards): same arguments as the reference, valid input assumed (``fastmask.ops`` checks
+it).  Launches go through ``torch.library.wrap_triton``, so ``torch.compile`` sees the kernels.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import cdiv, next_power_of_2
 
@@ -269,14 +270,15 @@ def _mask_token_backward_kernel(
     tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
 
 
-# A fresh seed every call: specialising on its value (==1, %16) would recompile mid-training.
-@triton.jit(do_not_specialize=["seed"])
-def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed, B, N, K,
+@triton.jit
+def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed_ptr, B, N, K,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """ROWS rows b: each keeps the K tokens with the smallest Philox keys (see the module docstring).
 
     On a GPU ROWS is 1 (a row per program); the CPU interpreter batches rows to amortise its per-op cost.
+    The seed is read from device memory, so a replayed CUDA graph uses the seed drawn in that replay.
     """
+    seed = tl.load(seed_ptr)
     b = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     n = tl.arange(0, BLOCK_N)
     valid = (b < B)[:, None] & (n < N)[None, :]
@@ -309,31 +311,20 @@ def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed, B, N, K,
 
 
 # --------------------------------------------------------------------------------------------
-# launchers (one per op and backend)
+# launchers: the Triton implementations of the fastmask:: operators (registered in fastmask/library.py)
 # --------------------------------------------------------------------------------------------
 
-def _cuda_ops():
-    """torch.ops.fastmask after loading the extension that registers the CUDA kernels."""
-    importlib.import_module("fastmask._C")
-    return torch.ops.fastmask
-
-
-def _pos_2d(pos_embed: Optional[torch.Tensor], N: int, D: int) -> Optional[torch.Tensor]:
-    return None if pos_embed is None else pos_embed.reshape(N, D)
-
-
-def _gather(x, ids, pos_embed, backend: str) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, K, D] = x[b, ids[b, k]] (+ pos_embed[ids[b, k]] in float32); see fastmask.ops.gather_tokens."""
     B, N, D = x.shape
     K = ids.shape[1]
-    pos = _pos_2d(pos_embed, N, D)
-    if backend == "cuda":
-        return _cuda_ops().gather_tokens(x, ids, pos)
+    pos = None if pos_embed is None else pos_embed.reshape(N, D)
     out = torch.empty(B, K, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     rows, block_d, num_warps = _row_tile(D, out.device)
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
-    _gather_rows_kernel[grid](
+    wrap_triton(_gather_rows_kernel)[grid](
         x, ids, pos if pos is not None else x, out,
         B * K, K, D,
         x.stride(0), x.stride(1), x.stride(2),
@@ -349,22 +340,22 @@ def _token_slots(ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     B, K = ids.shape
     slot = torch.empty(B, num_tokens, dtype=torch.int32, device=ids.device)
     block = min(next_power_of_2(num_tokens), 1024)
-    _token_slots_kernel[(B,)](ids, slot, num_tokens, K, ids.stride(0), ids.stride(1), BLOCK=block)
+    wrap_triton(_token_slots_kernel)[(B,)](ids, slot, num_tokens, K, ids.stride(0), ids.stride(1), BLOCK=block)
     return slot
 
 
-def _scatter(x_kept, ids, num_tokens: int, fill, backend: str) -> torch.Tensor:
+def scatter_tokens(x_kept: torch.Tensor, ids: torch.Tensor, num_tokens: int,
+                   fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, N, D] with rows ids[b, k] = x_kept[b, k], others fill (or 0); see fastmask.ops.scatter_tokens."""
     B, K, D = x_kept.shape
     fill_vec = None if fill is None else fill.reshape(D).to(x_kept.dtype).contiguous()
-    if backend == "cuda":
-        return _cuda_ops().scatter_tokens(x_kept, ids, num_tokens, fill_vec)
     out = torch.empty(B, num_tokens, D, dtype=x_kept.dtype, device=x_kept.device)
     if out.numel() == 0:
         return out
     slot = _token_slots(ids, num_tokens)
     rows, block_d, num_warps = _row_tile(D, out.device)
     grid = (cdiv(B * num_tokens, rows), cdiv(D, block_d))
-    _scatter_rows_kernel[grid](
+    wrap_triton(_scatter_rows_kernel)[grid](
         x_kept, slot, fill_vec if fill_vec is not None else out, out,
         B * num_tokens, num_tokens, D,
         x_kept.stride(0), x_kept.stride(1), x_kept.stride(2),
@@ -374,26 +365,22 @@ def _scatter(x_kept, ids, num_tokens: int, fill, backend: str) -> torch.Tensor:
     return out
 
 
-def _mask_token(x, mask, token, backend: str) -> torch.Tensor:
-    """where(mask, token, x); ``token`` None means zeros (the backward of the x branch)."""
+def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    """where(mask, mask_token, x) over rows; see fastmask.ops.apply_mask_token."""
     B, N, D = x.shape
-    if backend == "cuda":
-        if token is None:
-            token = torch.zeros(D, dtype=x.dtype, device=x.device)
-        return _cuda_ops().apply_mask_token(x, mask, token.to(x.dtype).contiguous())
     out = torch.empty(B, N, D, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     mask_u8 = mask.contiguous().view(torch.uint8)
-    token_vec = None if token is None else token.to(x.dtype).contiguous()
+    token_vec = mask_token.reshape(D).to(x.dtype).contiguous()
     rows, block_d, num_warps = _row_tile(D, out.device)
     grid = (cdiv(B * N, rows), cdiv(D, block_d))
-    _mask_token_kernel[grid](
-        x, mask_u8, token_vec if token_vec is not None else x, out,
+    wrap_triton(_mask_token_kernel)[grid](
+        x, mask_u8, token_vec, out,
         B * N, N, D,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1),
-        HAS_TOKEN=token_vec is not None, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+        HAS_TOKEN=True, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
 
@@ -414,12 +401,8 @@ def _reduce_tile(B: int, N: int, D: int, device: torch.device, partial: bool) ->
     return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 4
 
 
-def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype,
-                     backend: str = "triton"):
+def gather_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype):
     """(grad_x [B, N, D] or None, grad_pos [N, D]) of gather_tokens(x, ids, pos_embed), in one pass."""
-    if backend == "cuda":
-        grad_x, grad_pos = _cuda_ops().gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
-        return (grad_x if need_x else None), grad_pos
     B, K, D = grad_out.shape
     grad_x = torch.empty(B, num_tokens, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
     grad_pos = torch.empty(num_tokens, D, dtype=pos_dtype, device=grad_out.device)
@@ -427,7 +410,7 @@ def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int,
         return (None if grad_x is None else grad_x.zero_()), grad_pos.zero_()
     slot = _token_slots(ids, num_tokens)
     batch, rows, block_d, num_warps = _reduce_tile(B, num_tokens, D, grad_out.device, partial=False)
-    _gather_backward_kernel[(cdiv(num_tokens, rows), cdiv(D, block_d))](
+    wrap_triton(_gather_backward_kernel)[(cdiv(num_tokens, rows), cdiv(D, block_d))](
         grad_out, slot, grad_x if need_x else grad_out, grad_pos,
         B, num_tokens, D,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -436,11 +419,8 @@ def _gather_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int,
     return grad_x, grad_pos
 
 
-def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype, backend: str = "triton"):
+def scatter_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype):
     """(grad_x_kept [B, K, D] or None, grad_fill [D]) of scatter_tokens(x_kept, ids, N, fill), in one pass."""
-    if backend == "cuda":
-        grad_x, grad_fill = _cuda_ops().scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
-        return (grad_x if need_x else None), grad_fill
     B, N, D = grad_out.shape
     K = ids.shape[1]
     grad_x = torch.empty(B, K, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
@@ -449,7 +429,7 @@ def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, f
     slot = _token_slots(ids, N)
     batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
     partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
-    _scatter_backward_kernel[(cdiv(N, rows), cdiv(D, block_d))](
+    wrap_triton(_scatter_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
         grad_out, slot, grad_x if need_x else grad_out, partial,
         B, N, K, D,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -458,19 +438,15 @@ def _scatter_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, f
     return grad_x, partial.sum(0).to(fill_dtype)
 
 
-def _mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype,
-                         backend: str = "triton"):
+def apply_mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype):
     """(grad_x [B, N, D] or None, grad_token [D]) of apply_mask_token(x, mask, token), in one pass."""
-    if backend == "cuda":
-        grad_x, grad_token = _cuda_ops().apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
-        return (grad_x if need_x else None), grad_token
     B, N, D = grad_out.shape
     grad_x = torch.empty(B, N, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
     if B * N * D == 0:
         return grad_x, torch.zeros(D, dtype=token_dtype, device=grad_out.device)
     batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
     partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
-    _mask_token_backward_kernel[(cdiv(N, rows), cdiv(D, block_d))](
+    wrap_triton(_mask_token_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
         grad_out, mask.contiguous().view(torch.uint8), grad_x if need_x else grad_out, partial,
         B, N, D,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
@@ -479,131 +455,23 @@ def _mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: boo
     return grad_x, partial.sum(0).to(token_dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# autograd Functions
-# --------------------------------------------------------------------------------------------
-
-class _GatherTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, ids, pos_embed, backend):
-        ctx.save_for_backward(ids)
-        ctx.num_tokens = x.shape[1]
-        ctx.backend = backend
-        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
-        return _gather(x, ids, pos_embed, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (ids,) = ctx.saved_tensors
-        need_x, _, need_pos, _ = ctx.needs_input_grad
-        if need_pos:
-            # One pass: grad_x rows written and the batch sum for pos_embed taken on the way.
-            shape, dtype = ctx.pos_meta
-            grad_x, grad_pos = _gather_backward(grad_out, ids, ctx.num_tokens, need_x, dtype, ctx.backend)
-            return grad_x, None, grad_pos.reshape(shape), None
-        # ids are unique per row, so the scatter is a plain write: no atomics, deterministic.
-        grad_x = _scatter(grad_out, ids, ctx.num_tokens, None, ctx.backend) if need_x else None
-        return grad_x, None, None, None
-
-
-class _ScatterTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_kept, ids, num_tokens, fill, backend):
-        ctx.save_for_backward(ids)
-        ctx.backend = backend
-        ctx.fill_meta = None if fill is None else (fill.shape, fill.dtype)
-        return _scatter(x_kept, ids, num_tokens, fill, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (ids,) = ctx.saved_tensors
-        need_x, _, _, need_fill, _ = ctx.needs_input_grad
-        if need_fill:
-            # One pass over grad_out: kept rows gathered, hidden rows summed for the fill.
-            shape, dtype = ctx.fill_meta
-            grad_x, grad_fill = _scatter_backward(grad_out, ids, need_x, dtype, ctx.backend)
-            return grad_x, None, None, grad_fill.reshape(shape), None
-        grad_x = _gather(grad_out, ids, None, ctx.backend) if need_x else None
-        return grad_x, None, None, None, None
-
-
-class _ApplyMaskToken(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, mask, mask_token, backend):
-        ctx.save_for_backward(mask)
-        ctx.backend = backend
-        ctx.token_meta = (mask_token.shape, mask_token.dtype)
-        return _mask_token(x, mask, mask_token, backend)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (mask,) = ctx.saved_tensors
-        need_x, _, need_token, _ = ctx.needs_input_grad
-        if need_token:
-            # One pass: grad_x written and the hidden rows summed for the mask token.
-            shape, dtype = ctx.token_meta
-            grad_x, grad_token = _mask_token_backward(grad_out, mask, need_x, dtype, ctx.backend)
-            return grad_x, None, grad_token.reshape(shape), None
-        grad_x = _mask_token(grad_out, mask, None, ctx.backend) if need_x else None
-        return grad_x, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# entry points used by fastmask.ops
-# --------------------------------------------------------------------------------------------
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("triton", "cuda"):
-        raise ValueError(f"backend must be 'triton' or 'cuda' here, got {backend!r}")
-
-
-def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.Tensor] = None, *,
-                  backend: str = "triton") -> torch.Tensor:
-    """[B, K, D] = x[b, ids[b, k]] (+ pos_embed[ids[b, k]] in float32); see fastmask.ops.gather_tokens."""
-    _check_backend(backend)
-    return _GatherTokens.apply(x, ids, pos_embed, backend)
-
-
-def scatter_tokens(x_kept: torch.Tensor, ids: torch.Tensor, num_tokens: int, fill: Optional[torch.Tensor] = None,
-                   *, backend: str = "triton") -> torch.Tensor:
-    """[B, N, D] with rows ids[b, k] = x_kept[b, k], others fill (or 0); see fastmask.ops.scatter_tokens."""
-    _check_backend(backend)
-    return _ScatterTokens.apply(x_kept, ids, num_tokens, fill, backend)
-
-
-def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor, *,
-                     backend: str = "triton") -> torch.Tensor:
-    """where(mask, mask_token, x) over rows; see fastmask.ops.apply_mask_token."""
-    _check_backend(backend)
-    return _ApplyMaskToken.apply(x, mask, mask_token.reshape(-1), backend)
-
-
-def random_keep(batch: int, num_tokens: int, keep: int, seed: int, device, *,
-                backend: str = "triton") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids_keep [B, K] sorted, mask [B, N] True = hidden, ids_restore [B, N]), bit-identical to
-    ``fastmask.reference.random_masking`` for the same seed."""
-    _check_backend(backend)
-    if not 0 <= keep <= num_tokens:
-        raise ValueError(f"keep must lie in [0, num_tokens={num_tokens}], got {keep}")
+def random_keep(seed: torch.Tensor, batch: int, num_tokens: int, keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_keep [B, K] sorted, mask [B, N] True = hidden, ids_restore [B, N]) on ``seed``'s device,
+    bit-identical to ``fastmask.reference.random_keep`` for the same seed (a one-element int64 tensor)."""
     if batch * num_tokens > 2**31 - 1:
         raise ValueError("random_keep draws one 32-bit Philox counter per token: B*N must stay below 2**31")
-    device = torch.device(device)
+    device = seed.device
     ids_keep = torch.empty(batch, keep, dtype=torch.int64, device=device)
     mask = torch.empty(batch, num_tokens, dtype=torch.bool, device=device)
     ids_restore = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
     if batch == 0 or num_tokens == 0:
-        return ids_keep, mask, ids_restore
-    seed = int(seed) & (2**64 - 1)  # Philox keys on the low 64 bits
-    if backend == "cuda":
-        # The op takes a signed int64; the kernel reads the same 64 bits back as unsigned.
-        _cuda_ops().random_keep(ids_keep, mask, ids_restore, seed - 2**64 if seed >= 2**63 else seed)
         return ids_keep, mask, ids_restore
     block_n = next_power_of_2(num_tokens)
     if _gpu_launch(device):
         rows, num_warps = 1, 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
     else:
         rows, num_warps = min(next_power_of_2(batch), max(1, 4096 // block_n)), 4
-    _random_keep_kernel[(cdiv(batch, rows),)](
+    wrap_triton(_random_keep_kernel)[(cdiv(batch, rows),)](
         ids_keep, mask.view(torch.uint8), ids_restore, seed, batch, num_tokens, keep,
         ROWS=rows, BLOCK_N=block_n, SEARCH_STEPS=(block_n << 32).bit_length(), num_warps=num_warps,
     )

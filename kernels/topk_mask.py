@@ -15,8 +15,9 @@ Keys:
     reference's int64 key ``r0 * N + n``.
 
 Everything matches ``fastmask.reference`` bit for bit (see ``reference.rank_tokens``); the CUDA
-version lives in ``csrc/topk_mask.cu`` and is reached through ``torch.ops.fastmask``.
-Inputs are assumed valid here (``fastmask.ops`` checks them).
+version lives in ``csrc/topk_mask.cu``.  ``topk_tokens`` and ``cls_attention_mask`` below are the Triton
+implementations of the operators of those names (registered in ``fastmask/library.py``), with the
+reference's arguments; inputs are assumed valid here (``fastmask.ops`` checks them).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import next_power_of_2
 
@@ -135,12 +137,13 @@ def _row_count(ratio_ptr, stride, row, count, N, PER_ROW: tl.constexpr):
         return count
 
 
-# Values that can change from call to call (a fresh seed every call): specialising on them (== 1,
-# % 16) would recompile mid-training.
-@triton.jit(do_not_specialize=["seed", "gate_threshold", "num_masked", "num_shown"])
+# Values that can change from call to call (per-sample counts, gates): specialising on them (== 1,
+# % 16) would recompile mid-training.  The seed is read from device memory (a replayed CUDA graph
+# then uses the seed drawn in that replay).
+@triton.jit(do_not_specialize=["gate_threshold", "num_masked", "num_shown"])
 def _cls_attention_mask_kernel(
     attn_ptr, ratio_ptr, show_ptr, mask_ptr,
-    seed, gate_threshold, N, num_masked, num_candidates, num_shown, stride_b, stride_n, stride_ratio, stride_show,
+    seed_ptr, gate_threshold, N, num_masked, num_candidates, num_shown, stride_b, stride_n, stride_ratio, stride_show,
     MODE: tl.constexpr, GATED: tl.constexpr, RATIO_PER_ROW: tl.constexpr, SHOW_PER_ROW: tl.constexpr,
     KEY_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -148,6 +151,7 @@ def _cls_attention_mask_kernel(
     cols = tl.arange(0, BLOCK)
     valid = cols < N
     hidden = tl.zeros([BLOCK], dtype=tl.int1)
+    seed = tl.load(seed_ptr)
     if GATED:
         # Row gate: philox lane 1 at offset b, compared as an integer (threshold may be 2**32).
         _, gate, _, _ = tl.randint4x(seed, row)
@@ -173,22 +177,14 @@ def _key_bits(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float32 else 16
 
 
-def _cuda_ops():
-    import fastmask._C  # noqa: F401  (registers torch.ops.fastmask.*)
-
-    return torch.ops.fastmask
-
-
-def topk_tokens(scores: torch.Tensor, k: int, largest: bool = True, *, backend: str = "triton") -> torch.Tensor:
+def topk_tokens(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     """[B, k] int64 indices of each row's k largest (smallest) scores, ascending; ties to the lower index."""
     B, N = scores.shape
-    if backend == "cuda":
-        return _cuda_ops().topk_tokens(scores, k, largest)
     ids = torch.empty(B, k, dtype=torch.int64, device=scores.device)
     if B == 0 or k == 0:
         return ids
     block, num_warps = _launch_config(N)
-    _topk_tokens_kernel[(B,)](
+    wrap_triton(_topk_tokens_kernel)[(B,)](
         scores, ids, N, k, scores.stride(0), scores.stride(1),
         LARGEST=bool(largest), KEY_BITS=_key_bits(scores.dtype), BLOCK=block, num_warps=num_warps,
     )
@@ -204,41 +200,36 @@ def _per_row(ratio: Optional[torch.Tensor], like: torch.Tensor):
 
 def cls_attention_mask(
     cls_attn: torch.Tensor,
-    ratio: Optional[torch.Tensor],
-    seed: int,
-    *,
+    ratio_per_row: Optional[torch.Tensor],
+    ratio: float,
+    seed: torch.Tensor,
     mode: str,
-    gate_threshold: int,
-    num_candidates: int,
-    show_ratio: Optional[torch.Tensor] = None,
-    num_masked: int = 0,
-    num_shown: int = 0,
-    backend: str = "triton",
+    mask_prob: float,
+    show_max: float,
+    show_ratio_per_row: Optional[torch.Tensor],
+    show_ratio: float,
 ) -> torch.Tensor:
     """AttMask mask [B, N] bool (True = hidden), bit-identical to ``reference.cls_attention_mask``.
 
-    Per-row counts: ``floor(float64(ratio[b]) * N)`` hidden and ``floor(float64(show_ratio[b]) * N)``
-    revealed when the [B] float tensors are given (computed in the kernel), else ``num_masked`` /
-    ``num_shown`` for every row.  gate_threshold: rows whose Philox gate draw is below it are masked
-    (2**32 = every row); num_candidates: size of the hint pool.  One launch, no host sync.
+    Per-row counts: ``floor(float64(ratio_per_row[b]) * N)`` hidden and likewise revealed when the [B]
+    float tensors are given (computed in the kernel), else ``int(ratio * N)`` / ``int(show_ratio * N)``
+    for every row.  Rows whose Philox gate draw is below ``int(mask_prob * 2**32)`` are masked; the
+    hint pool holds ``int(show_max * N)`` tokens.  One launch, no host sync.
     """
     B, N = cls_attn.shape
-    if backend == "cuda":
-        return _cuda_ops().cls_attention_mask(
-            cls_attn, ratio, int(num_masked), int(seed), mode, int(gate_threshold), int(num_candidates),
-            show_ratio, int(num_shown),
-        )
+    gate_threshold = int(mask_prob * 2**32)  # reference.gate_threshold
     if B == 0 or N == 0 or gate_threshold <= 0:
         return torch.zeros(B, N, dtype=torch.bool, device=cls_attn.device)
-    ratio_arg, stride_ratio, ratio_per_row = _per_row(ratio, cls_attn)
-    show_arg, stride_show, show_per_row = _per_row(show_ratio, cls_attn)
+    ratio_arg, stride_ratio, ratio_per_row_flag = _per_row(ratio_per_row, cls_attn)
+    hint = mode == "hint"
+    show_arg, stride_show, show_per_row_flag = _per_row(show_ratio_per_row if hint else None, cls_attn)
     mask = torch.empty(B, N, dtype=torch.uint8, device=cls_attn.device)
     block, num_warps = _launch_config(N)
-    _cls_attention_mask_kernel[(B,)](
+    wrap_triton(_cls_attention_mask_kernel)[(B,)](
         cls_attn, ratio_arg, show_arg, mask,
-        int(seed), int(gate_threshold), N, int(num_masked), int(num_candidates), int(num_shown),
+        seed, gate_threshold, N, int(ratio * N), int(show_max * N), int(show_ratio * N) if hint else 0,
         cls_attn.stride(0), cls_attn.stride(1), stride_ratio, stride_show,
-        MODE=MODES[mode], GATED=gate_threshold < _GATE_ALWAYS, RATIO_PER_ROW=ratio_per_row,
-        SHOW_PER_ROW=show_per_row, KEY_BITS=_key_bits(cls_attn.dtype), BLOCK=block, num_warps=num_warps,
+        MODE=MODES[mode], GATED=gate_threshold < _GATE_ALWAYS, RATIO_PER_ROW=ratio_per_row_flag,
+        SHOW_PER_ROW=show_per_row_flag, KEY_BITS=_key_bits(cls_attn.dtype), BLOCK=block, num_warps=num_warps,
     )
     return mask.view(torch.bool)

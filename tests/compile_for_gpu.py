@@ -240,6 +240,20 @@ def topk_cases():
                                       num_candidates=n // 10, show_ratio=bf16)
 
 
+def sdist_cases():
+    """Self-distillation loss: block partials and student gradient, every dtype with two teacher views
+    (DINO/iBOT CLS form), bf16 with one (the masked patch form)."""
+    from fastmask.kernels import sdist_loss as sd
+
+    sd._gpu_launch = lambda device: True
+    B, K = 2, 8192
+    for dtype, G, V in ((torch.float32, 2, 12), (torch.float16, 2, 12), (torch.bfloat16, 2, 12), (torch.bfloat16, 1, 1)):
+        s, t, c = torch.zeros(V * B, K, dtype=dtype), torch.zeros(G * B, K, dtype=dtype), torch.zeros(K)
+        sd.partial_stats(s, t, c, B, 10.0, 25.0)
+        sd.grad_student(s, t, c, torch.zeros(V * B), torch.zeros(G * B), torch.zeros(G, V, B), 10.0, 25.0,
+                        torch.empty_like(s))
+
+
 def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
@@ -289,11 +303,12 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config for every case")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=("token", "topk", "attention", "attention-configs"), default=None,
+    parser.add_argument("--only", nargs="+", choices=("token", "topk", "sdist", "attention", "attention-configs"),
+                        default=None,
                         help="compile only these kernel families")
     parser.add_argument("--report", default=None, help="write every compile's resource usage to this JSON file")
     args = parser.parse_args(argv)
-    families = args.only or ("token", "topk", "attention")
+    families = args.only or ("token", "topk", "sdist", "attention")
     report = {}
     start = time.perf_counter()
     total = 0
@@ -304,6 +319,8 @@ def main(argv=None):
             token_cases()
         if "topk" in families:
             topk_cases()
+        if "sdist" in families:
+            sdist_cases()
         if "attention" in families:
             attention_cases(compiler)
         if "attention-configs" in families:

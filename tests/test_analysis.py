@@ -365,14 +365,14 @@ def test_cli_writes_json_and_figures_for_two_checkpoints(tmp_path):
     """Two tiny checkpoints: a timm-style state dict and the teacher inside a (hand-built) driver
     checkpoint of a Masked-Distillation run, analysed side by side on built-in data."""
     from fastmask.analysis.plots import FIGURES
-    from fastmask.config import ModelConfig, TrainConfig, config_to_dict
+    from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, config_to_dict
     from fastmask.methods.maskdistill import MaskDistill, MaskDistillConfig
 
     plain = tmp_path / "plain.pth"
     torch.save(_tiny_vit(0).state_dict(), plain)
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=4, img_size=16, depth=2, embed_dim=24, num_heads=2))
     cfg.method_name = "maskdistill"
-    cfg.method = MaskDistillConfig(teacher_arch="vit_tiny", teacher_depth=3, teacher_embed_dim=32, teacher_num_heads=2,
+    cfg.method = MaskDistillConfig(teacher=TeacherConfig(arch="vit_tiny", depth=3, embed_dim=32, num_heads=2),
                                    mask_min_patches=2)
     with pytest.warns(UserWarning):
         method = MaskDistill(cfg, num_classes=3)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastmask import ops, reference
+from fastmask import reference
 from fastmask.kernels.cls_row import cls_row
 from helpers import DEVICE, noncontiguous, randn
 
@@ -51,7 +51,9 @@ def test_cls_row_is_one_launch_and_large_scores_stay_finite():
 def test_sdpa_with_the_cls_row_kernel_matches_the_reference_with_gradients():
     """What measured dispatch runs for SDPA candidates: SDPA's out (with its backward) + the kernel's map."""
     q, k, v = (randn(2, 6, 50, 32, requires_grad=True) for _ in range(3))
-    out, cls = ops._torch_attention(q, k, v, None, True, 1, sdpa_backend="MATH", cls_kernel=True)
+    from fastmask import library
+
+    out, cls, _ = library._torch_attention(q, k, v, 32**-0.5, True, 1, sdpa_backend="MATH", cls_kernel=True)
     ref_out, ref_cls = reference.attention(q, k, v, None, True, 1)
     torch.testing.assert_close(cls, ref_cls, rtol=2e-5, atol=1e-7)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)

@@ -322,9 +322,11 @@ def test_bad_files_are_skipped_and_counted(tmp_path, backend):
     with pytest.warns(UserWarning) as record:
         loader = make_loader(cfg, "train", "multicrop", drop_last=False)
     messages = [str(w.message) for w in record]
-    assert any("skipping 4 bad file" in m for m in messages), messages
+    # notes.txt is not data (ignored, not "bad"); the three broken images are.
+    assert any("skipping 3 bad file" in m for m in messages), messages
+    assert not any("notes.txt" in m for m in messages), messages
     assert any("no usable images: empty" in m for m in messages), messages
-    assert loader.bad_files == 4 and loader.num_samples == 8
+    assert loader.bad_files == 3 and loader.num_samples == 8 and loader.split.ignored == 1
     assert loader.num_classes == 3  # the empty class folder keeps its label id
     labels = torch.cat([y for _, y in loader])
     assert labels.numel() == 8 and set(labels.tolist()) == {0, 1}
@@ -490,3 +492,77 @@ def test_gpu_mixed_decoding_pipelines(folder, tmp_path):
     cpu = torch.cat([x for x, _ in make_loader(_cfg(folder, "torch", tmp_path), "val", "eval")])
     assert (gpu - cpu).abs().mean().item() < 0.03
     torch.testing.assert_close(gpu.mean(dim=(2, 3)), cpu.mean(dim=(2, 3)), atol=0.02, rtol=0)
+
+
+def test_full_validation_catches_truncated_jpeg_with_end_marker(tmp_path):
+    """A JPEG cut short and given an end-of-image marker passes PIL's decode (libjpeg pads it with
+    grey): the header check cannot see it, the full check must."""
+    root = _write_folder(tmp_path / "d", {"train": {"a": 2}}, seed=8)
+    good = os.path.join(root, "train", "a", "0.jpg")
+    data = open(good, "rb").read()
+    bad = os.path.join(root, "train", "a", "cut.jpg")
+    with open(bad, "wb") as f:
+        f.write(data[: len(data) // 2] + b"\xff\xd9")
+    assert check_image_file(bad, "header") is None
+    reason = check_image_file(bad, "full")
+    assert reason is not None and "corrupt JPEG" in reason, reason
+    assert check_image_file(good, "full") is None
+
+
+def test_hidden_and_non_image_files_are_ignored_and_skips_reported_once(tmp_path):
+    from fastmask.data.folder import scan_image_folder
+
+    root = _write_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}}, seed=9)
+    for name in (".DS_Store", "notes.txt", "._0.jpg"):
+        with open(os.path.join(root, "train", "a", name), "wb") as f:
+            f.write(b"junk")
+    (tmp_path / "d" / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.warns(UserWarning, match="skipping 1 bad file") as record:
+        split = scan_image_folder(root, "train")
+    assert split.ignored == 3 and len(split.bad_files) == 1 and len(split) == 6
+    assert not any(".DS_Store" in str(w.message) or "notes.txt" in str(w.message) for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same split scanned again (each evaluation) stays quiet
+        again = scan_image_folder(root, "train")
+    assert len(again.bad_files) == 1
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    from fastmask.data.torch_loader import decode_rgb
+
+    grey = np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(grey).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    img = decode_rgb(path)
+    assert img.dtype == torch.uint8 and img.shape == (3, 8, 64)
+    expected = torch.from_numpy((grey.astype(np.int64) // 257).astype(np.uint8))
+    assert torch.equal(img[0], expected) and torch.equal(img[1], img[0])
+    assert len(torch.unique(img)) > 200  # clipping left 9 grey levels
+
+def test_builtin_objects_options_sizes_and_footprint(tmp_path):
+    cache = str(tmp_path / "cache")
+    root = builtin.ensure_builtin("objects,res=48,train=3,val=2", cache)
+    assert os.path.basename(root) == "objects-res48-train3-val2-v1"
+    train, val = scan_image_folder(root, "train"), scan_image_folder(root, "val")
+    assert train.classes == sorted(builtin.OBJECT_CLASSES) and len(train) == 30 and len(val) == 20
+    assert {Image.open(f).size for f in train.files} == {(48, 48)}
+    # Growing a split keeps the images already in it (one generator per split and class).
+    bigger = builtin.ensure_builtin("objects,res=48,train=4,val=2", cache)
+    a = os.path.join("train", "star", "00001.jpg")
+    assert open(os.path.join(root, a), "rb").read() == open(os.path.join(bigger, a), "rb").read()
+    # The object covers part of the image only, and differs from the background it covers.
+    rng = np.random.default_rng(0)
+    for cls in builtin.OBJECT_CLASSES:
+        img, mask = builtin._draw_object_scene(cls, 64, rng)
+        assert img.shape == (64, 64, 3) and 0.02 < mask.mean() < 0.3, (cls, mask.mean())
+        patches = mask.reshape(8, 8, 8, 8).any(axis=(1, 3)).sum()
+        assert 4 <= patches <= 32, (cls, patches)
+    # Default shapes keep their historical folder; options make a new one.
+    assert os.path.basename(builtin.builtin_root("shapes", cache)) == "shapes-v2"
+    assert os.path.basename(builtin.builtin_root("shapes,val=5", cache)) == "shapes-train100-val5-v2"
+    for bad, msg in (("objects,size=3", "bad option"), ("objects,res=abc", "integer"),
+                     ("objects,res=8", r"\[32, 512\]"), ("digits,train=3", "bad option")):
+        with pytest.raises(ValueError, match=msg):
+            builtin.parse_builtin(bad)

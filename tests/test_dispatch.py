@@ -47,24 +47,17 @@ def measured(tmp_path, monkeypatch):
 
 
 def _spy_backends(monkeypatch):
-    """Record which backend each token-op call ran (the kernels module sees only triton/cuda calls)."""
-    from fastmask.kernels import token_gather
+    """Record which backend each token-op call ran (the registered operator's backend argument)."""
+    from fastmask import library
 
     ran = []
-    real = token_gather.gather_tokens
+    real = library.gather_tokens
 
-    def spy(*args, backend, **kwargs):
-        ran.append(backend)
-        return real(*args, backend=backend, **kwargs)
+    def spy(*args):
+        ran.append(args[-1])
+        return real(*args)
 
-    monkeypatch.setattr(token_gather, "gather_tokens", spy)
-    real_ref = reference.gather_tokens
-
-    def spy_ref(*args, **kwargs):
-        ran.append("torch")
-        return real_ref(*args, **kwargs)
-
-    monkeypatch.setattr(reference, "gather_tokens", spy_ref)
+    monkeypatch.setattr(library, "gather_tokens", spy)
     return ran
 
 
@@ -201,7 +194,9 @@ def test_sdpa_candidates_with_the_cls_row_kernel(monkeypatch):
     """The SDPA+CLS-row path (what CUDA candidates run) equals the reference on the CPU as well."""
     monkeypatch.delenv("FASTMASK_BACKEND", raising=False)
     q, k, v = (torch.randn(2, 6, 50, 32, dtype=torch.bfloat16) for _ in range(3))
-    out, cls = ops._torch_attention(q, k, v, None, True, 1, sdpa_backend="MATH", cls_kernel=True)
+    from fastmask import library
+
+    out, cls, _ = library._torch_attention(q, k, v, 32**-0.5, True, 1, sdpa_backend="MATH", cls_kernel=True)
     ref_out, ref_cls = reference.attention(q, k, v, None, True, 1)
     torch.testing.assert_close(cls, ref_cls, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.float(), ref_out.float(), **TOL[torch.bfloat16])
@@ -242,7 +237,7 @@ def test_compiled_attention_runs_the_decided_op(measured, monkeypatch):
     assert sorted(timer.calls) == ["torch", "triton"]
     from fastmask.kernels import cls_attention
 
-    monkeypatch.setattr(cls_attention, "attention", lambda *a, **kw: pytest.fail("triton ran, torch was chosen"))
+    monkeypatch.setattr(cls_attention, "attention_forward", lambda *a, **kw: pytest.fail("triton ran, torch was chosen"))
     torch._dynamo.reset()
     ref_out, ref_cls = reference.attention(q, k, v, None, True, 1)
     got = torch.compile(step, backend="eager", fullgraph=True)(q, k, v)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask.config import ModelConfig, TrainConfig, load_config
+from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, load_config
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
 from fastmask.methods.ibot import MASK_POLICIES
@@ -186,8 +186,8 @@ def test_maskdistill_masked_decoder_matches_full(kind):
     torch.manual_seed(0)
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=4, img_size=16, drop_path_rate=0.0, depth=2,
                                         embed_dim=32, num_heads=2))
-    cfg.method = MaskDistillConfig(teacher_arch="vit_tiny", teacher_depth=2, teacher_embed_dim=48,
-                                   teacher_num_heads=2, mask_min_patches=2, loss=kind)
+    cfg.method = MaskDistillConfig(teacher=TeacherConfig(arch="vit_tiny", depth=2, embed_dim=48, num_heads=2),
+                                   mask_min_patches=2, loss=kind)
     with pytest.warns(UserWarning, match="randomly initialised"):
         method = MaskDistill(cfg, num_classes=3)
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -203,3 +203,28 @@ def test_maskdistill_masked_decoder_matches_full(kind):
     for g, r in zip(grads, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     assert metrics["mask_ratio"].item() == pytest.approx(0.375)
+
+
+@pytest.mark.parametrize("method_name", ["dino", "ibot"])
+def test_fuse_last_layer_matches_today(method_name):
+    gen = torch.Generator().manual_seed(5)
+    crops = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)] + \
+            [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
+    if method_name == "ibot":
+        recipe, base = "ibot_tiny_builtin", TINY + ["method.mask=attmask_hint"]
+        today_opts = ["method.patch_head=all", "method.fused_loss=false"]
+    else:
+        recipe = "dino_tiny_builtin"
+        base = TINY[:8] + ["method.head_hidden_dim=32", "method.head_bottleneck_dim=16", "method.head_use_bn=false",
+                           "method.student_mask=attmask_high"]
+        today_opts = ["method.fused_loss=false"]
+    torch.manual_seed(0)
+    today = get_method(method_name)(load_config(config=recipe, overrides=base + today_opts), 10)
+    fused = get_method(method_name)(load_config(config=recipe, overrides=base + ["method.fuse_last_layer=true"]), 10)
+    fused.load_state_dict(today.state_dict())
+    loss_a, _, grads_a = _step_grads(today, crops)
+    loss_b, _, grads_b = _step_grads(fused, crops)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)

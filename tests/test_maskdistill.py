@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask.config import ModelConfig, TrainConfig, load_config
+from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, load_config
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
 from fastmask.methods.maskdistill import MaskDistill, MaskDistillConfig, distill_loss, whiten
@@ -31,10 +31,10 @@ def make_method(img_size=16, patch_size=4, seed=0, student_dim=32, **method):
     torch.manual_seed(seed)
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=patch_size, img_size=img_size,
                                         drop_path_rate=0.0, depth=2, embed_dim=student_dim, num_heads=2))
-    opts = dict(teacher_arch="vit_tiny", teacher_depth=2, teacher_embed_dim=48, teacher_num_heads=2,
-                mask_min_patches=2)
-    opts.update(method)
-    cfg.method = MaskDistillConfig(**opts)
+    teacher = dict(arch="vit_tiny", depth=2, embed_dim=48, num_heads=2)
+    teacher.update({k.removeprefix("teacher_"): method.pop(k) for k in list(method)
+                    if k in ("teacher_depth", "teacher_patch_size")})
+    cfg.method = MaskDistillConfig(teacher=TeacherConfig(**teacher), **{"mask_min_patches": 2, **method})
     with pytest.warns(UserWarning, match="randomly initialised"):
         return MaskDistill(cfg, num_classes=3)
 
@@ -181,11 +181,13 @@ def test_clip_input_normalisation():
 
 
 @pytest.mark.parametrize("bad", [dict(loss="l1"), dict(decoder="mlp"), dict(mask_ratio=1.0), dict(mask_ratio=0.0),
-                                 dict(teacher_input_norm="openai"), dict(teacher_depth=-1), dict(mask_min_patches=0)])
+                                 dict(teacher_input_norm="openai"), dict(mask_min_patches=0)])
 def test_bad_config_raises_value_error(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
         MaskDistillConfig(**bad)
+    with pytest.raises(ValueError, match="method.teacher.depth"):
+        TeacherConfig(depth=-1)
 
 
 def test_teacher_layer_out_of_range():
@@ -201,4 +203,5 @@ def test_recipes_load(recipe):
     if recipe == "maskdistill_vitb16_clip":
         assert cfg.epochs == 300 and cfg.model.arch == "vit_base" and cfg.model.patch_size == 16
         assert cfg.optim.lr * 2048 / 256 == pytest.approx(1.5e-3) and cfg.optim.weight_decay == 0.05
-        assert cfg.method.teacher_input_norm == "clip" and cfg.method.teacher_pre_norm
+        assert cfg.method.teacher_input_norm == "clip" and cfg.method.teacher.pre_norm
+        assert cfg.method.teacher.act_layer == "quick_gelu" and cfg.method.teacher.patch_size == 16

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmask.config import ModelConfig, TrainConfig
+from fastmask.config import ModelConfig, TeacherConfig, TrainConfig
 from fastmask.flops import FlopMeter, count_flops
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
@@ -290,10 +290,12 @@ def test_recipes_load_and_validate(recipe, keep, tmp_path):
     assert cfg.method_name == "maskedkd" and isinstance(cfg.method, MaskedKDConfig)
     assert cfg.method.teacher_keep == keep and cfg.method.distillation == "soft" and cfg.method.alpha == 0.5
     if recipe == "maskedkd_deits_deitb":
-        assert (cfg.model.arch, cfg.method.teacher_arch, cfg.model.img_size) == ("vit_small", "vit_base", 224)
+        assert (cfg.model.arch, cfg.method.teacher.arch, cfg.model.img_size) == ("vit_small", "vit_base", 224)
         assert resolve_keep(cfg.method.teacher_keep, 196) == 98
-    with pytest.raises(ValueError, match="teacher_checkpoint"):
-        load_config(config=recipe, overrides=[f"method.teacher_checkpoint={tmp_path / 'missing.pth'}"])
+    with pytest.raises(ValueError, match="method.teacher.checkpoint: file not found"):
+        load_config(config=recipe, overrides=[f"method.teacher.checkpoint={tmp_path / 'missing.pth'}"])
+    with pytest.raises(ValueError, match="must match"):
+        load_config(config=recipe, overrides=["method.teacher.patch_size=32"])
 
 
 def test_teacher_loads_from_a_local_deit_checkpoint(tmp_path):
@@ -305,7 +307,7 @@ def test_teacher_loads_from_a_local_deit_checkpoint(tmp_path):
     path = tmp_path / "deit_small.pth"
     torch.save({"model": deit.state_dict()}, path)  # DeiT's checkpoint layout
     cfg = TrainConfig(model=ModelConfig(arch="vit_tiny", patch_size=8, img_size=32, drop_path_rate=0.0, depth=1))
-    cfg.method = MaskedKDConfig(teacher_arch="vit_small", teacher_depth=2, teacher_checkpoint=str(path),
+    cfg.method = MaskedKDConfig(teacher=TeacherConfig(arch="vit_small", depth=2, checkpoint=str(path)),
                                 teacher_keep=16, **NO_MIX)
     MaskedKD.check_config(cfg)
     method = MaskedKD(cfg, NUM_CLASSES)
@@ -313,3 +315,54 @@ def test_teacher_loads_from_a_local_deit_checkpoint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(method.teacher(images), deit(images), rtol=1e-4, atol=1e-4)
     assert len(method.student.blocks) == 1 and not method.teacher.training
+
+
+def test_random_teacher_selection_keeps_k_random_patches():
+    method = make_method(teacher_keep=5, teacher_select="random", **NO_MIX)  # N = 16
+    images, labels = make_batch()
+    calls, lengths = record_teacher_calls(method)
+    method.training_step((images, labels), make_state(seed=3))
+    method.training_step((images, labels), make_state(seed=3))
+    method.training_step((images, labels), make_state(seed=4))
+    calls = [c for c in calls if c is not None]  # drop the one full-input FLOP count
+    ids = calls[0]
+    assert ids.shape == (8, 5) and bool((ids[:, 1:] > ids[:, :-1]).all()) and int(ids.max()) < 16
+    assert lengths[0] == 1 + 5
+    assert torch.equal(calls[0], calls[1]) and not torch.equal(calls[0], calls[2])  # the step's generator
+    with torch.no_grad():
+        _, cls_attn = method.student(images, return_cls_attn=True)
+    top = torch.sort(torch.topk(cls_attn, 5, dim=1).indices, dim=1).values
+    assert not torch.equal(ids, top)
+    with pytest.raises(ValueError, match="teacher_select"):
+        MaskedKDConfig(teacher_select="lowest")
+
+
+class _Batches:
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_evaluate_classifier_measures_student_and_the_teacher_once():
+    method = make_method(**NO_MIX)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, NUM_CLASSES, (6,), generator=g))
+               for _ in range(3)]
+    teacher_calls = []
+    method.teacher.register_forward_pre_hook(lambda mod, args: teacher_calls.append(1))
+    method.train()
+    first = method.evaluate_classifier(_Batches(batches), torch.device("cpu"))
+    assert len(teacher_calls) == 3
+    second = method.evaluate_classifier(_Batches(batches), torch.device("cpu"))
+    assert len(teacher_calls) == 3  # frozen teacher: measured once
+    assert first == second and method.student.training and not method.teacher.training
+    with torch.no_grad():
+        method.student.eval()
+        s_pred = torch.cat([method.student(x).argmax(-1) for x, _ in batches])
+        t_pred = torch.cat([method.teacher(x).argmax(-1) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert first["val_top1"] == pytest.approx(100.0 * (s_pred == labels).float().mean().item())
+    assert first["teacher_val_top1"] == pytest.approx(100.0 * (t_pred == labels).float().mean().item())
+    assert "val_top5" not in first  # 4 classes: top-5 is meaningless

@@ -69,10 +69,14 @@ def test_sample_ratios_range_device_and_reproducibility():
 def test_build_mask_policy_names_defaults_and_errors():
     high = build_mask_policy("attmask_high")
     assert isinstance(high, AttMaskPolicy) and high.mode == "high" and high.needs_cls_attn
-    # The paper's defaults.
-    assert (high.mask_prob, high.ratio, high.show_max, high.show_ratio) == (0.5, (0.1, 0.5), 0.1, (0.01, 0.05))
+    # The official code's defaults (main_attmask.py): one ratio per batch, hint count tied to it.
+    assert (high.mask_prob, high.ratio, high.show_max) == (0.5, (0.1, 0.5), 0.1)
+    assert (high.ratio_per, high.hint_count) == ("batch", "tied")
     assert build_mask_policy("attmask_low").mode == "low"
-    assert build_mask_policy("attmask_hint", show_ratio=0.02).show_ratio == 0.02
+    assert build_mask_policy("attmask_hint", show_ratio=0.02, hint_count="independent").show_ratio == 0.02
+    assert build_mask_policy("attmask_hint", show_ratio=None).hint_count == "tied"  # tied needs no show_ratio
+    assert build_mask_policy("random", ratio=(0.1, 0.5)).ratio_per == "sample"  # iBOT's loader: per image
+    assert build_mask_policy("block", ratio=(0.1, 0.5)).ratio_per == "sample"
     assert isinstance(build_mask_policy("block", ratio=(0.1, 0.5), min_num_patches=16), BlockMaskPolicy)
     assert not build_mask_policy("none", ratio=0.3)(2, (3, 3)).any()  # none ignores options
     with pytest.raises(ValueError, match="mask policy"):
@@ -86,9 +90,13 @@ def test_build_mask_policy_names_defaults_and_errors():
     with pytest.raises(ValueError, match="mask_prob"):
         build_mask_policy("attmask_high", mask_prob=1.5)
     with pytest.raises(ValueError, match="show_ratio"):
-        build_mask_policy("attmask_hint", show_ratio=None)
+        build_mask_policy("attmask_hint", show_ratio=None, hint_count="independent")
     with pytest.raises(ValueError, match="show_ratio"):
-        build_mask_policy("attmask_hint", show_max=0.1, show_ratio=(0.01, 0.2))
+        build_mask_policy("attmask_hint", show_max=0.1, show_ratio=(0.01, 0.2), hint_count="independent")
+    with pytest.raises(ValueError, match="ratio_per"):
+        build_mask_policy("attmask_high", ratio_per="image")
+    with pytest.raises(ValueError, match="hint_count"):
+        build_mask_policy("attmask_hint", hint_count="fixed")
     with pytest.raises(ValueError, match="aspect_ratio"):
         build_mask_policy("block", aspect_ratio=(0.0, 2.0))
     with pytest.raises(ValueError, match="grid_size"):
@@ -171,7 +179,8 @@ def test_block_masks_edge_counts():
 def test_attmask_policy_uses_cls_attention(mode):
     B, h, w = 64, 7, 7
     attn = torch.rand(B, h * w, generator=torch.Generator().manual_seed(0)).softmax(-1).to(DEVICE)
-    policy = build_mask_policy(f"attmask_{mode}")
+    # fastmask's per-image variants (the official per-batch / tied forms are pinned below).
+    policy = build_mask_policy(f"attmask_{mode}", ratio_per="sample", hint_count="independent")
     mask = policy(B, (h, w), cls_attn=attn, generator=gen(6))
     assert mask.shape == (B, h * w) and mask.device == attn.device
     # The same draws by hand: mask ratios, hint ratios, then the op's seed.
@@ -191,6 +200,81 @@ def test_attmask_policy_uses_cls_attention(mode):
                 assert float(hidden.min()) >= float(visible.max())
             else:
                 assert float(hidden.max()) <= float(visible.min())
+
+
+def _official_attmask(attention, masking_prob, masking_mode, masking_ratio, show_ratio, show_max, gate_u):
+    """gkakogeorgiou/attmask attmask.py ``AttMask`` (get_mask / attention_masking / show_hints), written
+    out with its gate draws given (``gate_u``) and its hint draws left out: the counts it hides and
+    reveals, for comparison with the policy's."""
+    n = attention.shape[1]
+    hidden = int(n * masking_ratio)
+    order = torch.argsort(attention, descending=masking_mode != "attmask_low")
+    mask = torch.zeros_like(attention, dtype=torch.bool).scatter_(1, order[:, :hidden], True)
+    mask[gate_u > masking_prob] = False
+    shown = int(show_ratio * n) if masking_mode == "attmask_hint" else 0
+    pool = torch.zeros_like(mask).scatter_(1, order[:, :int(n * show_max)], True)
+    return mask, shown, pool
+
+
+@pytest.mark.parametrize("mode", ["high", "low", "hint"])
+def test_attmask_ratio_per_batch_hides_one_count_per_batch(mode):
+    """Official AttMask (main_attmask.py train_one_epoch): ``get_pred_ratio()`` once per iteration, so every
+    masked row of the batch hides the same int(ratio * N) tokens, and different batches differ."""
+    B, N = 48, 196
+    attn = torch.rand(B, N, generator=torch.Generator().manual_seed(3)).softmax(-1).to(DEVICE)
+    policy = build_mask_policy(f"attmask_{mode}", mask_prob=1.0)
+    assert policy.ratio_per == "batch"
+    seen = set()
+    for seed in range(6):
+        mask = policy(B, (14, 14), cls_attn=attn, generator=gen(seed))
+        hidden = mask.sum(1)
+        if mode == "hint":  # the tied hint count is the same for every row too
+            g = gen(seed)
+            r = float(0.1 + 0.4 * torch.rand(1, generator=g, device=DEVICE))
+            hidden = hidden + int(0.1 * r * N)
+        assert int(hidden.min()) == int(hidden.max()), "one count for the whole batch"
+        assert 0.1 * N - 1 <= int(hidden[0]) <= 0.5 * N
+        seen.add(int(hidden[0]))
+    assert len(seen) > 1, "a new ratio each batch"
+    # fastmask's variant: one ratio per row
+    per_row = build_mask_policy(f"attmask_{mode}", mask_prob=1.0, ratio_per="sample", hint_count="independent")
+    assert len(set(per_row(B, (14, 14), cls_attn=attn, generator=gen(0)).sum(1).tolist())) > 1
+
+
+def test_attmask_hint_count_tied_to_ratio():
+    """attmask.py show_hints reveals int(show_ratio * N) tokens with show_ratio = show_max * pred_ratio,
+    all among the int(show_max * N) most attended: the policy hides exactly what the official code hides
+    (same mask-ratio draw, gate on) and reveals exactly as many tokens from the same pool."""
+    B, N = 32, 196
+    attn = torch.rand(B, N, generator=torch.Generator().manual_seed(4)).softmax(-1).to(DEVICE)
+    policy = build_mask_policy("attmask_hint", mask_prob=1.0)
+    for seed in range(4):
+        mask = policy(B, (14, 14), cls_attn=attn, generator=gen(seed))
+        r = float(0.1 + 0.4 * torch.rand(1, generator=gen(seed), device=DEVICE))
+        official, shown, pool = _official_attmask(attn, 1.0, "attmask_hint", r, 0.1 * r, 0.1, torch.zeros(B))
+        assert shown == int(0.1 * r * N)
+        assert not (mask & ~official).any(), "hides nothing the official high mask does not"
+        revealed = official & ~mask
+        assert torch.equal(revealed.sum(1), torch.full((B,), shown, device=DEVICE))
+        assert not (revealed & ~pool.to(revealed.device)).any(), "hints come from the top show_max pool"
+    # Across many ratios the revealed count follows the ratio (the official correlation is ~0.99).
+    ratios = torch.linspace(0.1, 0.49, 40)
+    counts = [int(build_mask_policy("attmask_hint", ratio=float(r), mask_prob=1.0)(
+        4, (14, 14), cls_attn=attn[:4], generator=gen(0)).logical_xor(
+        ops.cls_attention_mask(attn[:4], float(r), mode="high")).sum(1)[0]) for r in ratios]
+    assert counts == [int(0.1 * float(r) * N) for r in ratios]
+    # fastmask's variant draws show_ratio ~ U(0.01, 0.05) on its own
+    independent = build_mask_policy("attmask_hint", ratio=0.3, mask_prob=1.0, hint_count="independent")
+    revealed = ops.cls_attention_mask(attn, 0.3, mode="high") & ~independent(B, (14, 14), cls_attn=attn, generator=gen(1))
+    assert len(set(revealed.sum(1).tolist())) > 1
+
+
+def test_attmask_gate_matches_official_rate():
+    """get_mask: rows with a U(0,1) draw above masking_prob stay visible -> about half the rows masked."""
+    B, N = 4000, 49
+    attn = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mask = build_mask_policy("attmask_high")(B, (7, 7), cls_attn=attn, generator=gen(2))
+    assert 0.46 < float(mask.any(1).float().mean()) < 0.54
 
 
 def test_attmask_policy_needs_cls_attn():

@@ -332,3 +332,41 @@ def test_recipes_load_and_validate(recipe, arch, img):
     assert override.method.variant == "pathsub" and override.method.sub_drop_path_rate == 0.3
     with pytest.raises(ValueError, match="variant"):
         load_config(config=recipe, overrides=["method.variant=maskedsub"])
+
+
+def test_sub_weight_zero_is_plain_supervised_training_without_a_sub_forward():
+    images, labels = make_batch()
+    method = make_method(main_weight=1.0, sub_weight=0.0, loss="ce", **NO_MIX)
+    tokens = []
+    method.student.blocks[0].register_forward_hook(lambda mod, inp, out: tokens.append(inp[0].shape[1]))
+    loss, metrics = method.training_step((images, labels), make_state())
+    assert tokens == [17] and "loss_sub" not in metrics  # one full forward, no sub-branch
+    grads = {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}
+    reference = make_method(main_weight=1.0, sub_weight=0.0, loss="ce", **NO_MIX)
+    ref = classification_loss(reference.student(images), reference.mixer.smooth_one_hot(labels), "ce")
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    for n, p in reference.student.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_classifier_accuracy_top1_top5_on_known_logits():
+    from fastmask.methods.supervised import classifier_accuracy
+
+    class Fixed(torch.nn.Module):  # logits = the input's first row of numbers, so the answer is known
+        def forward(self, x):
+            return x[:, 0, 0, :]
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 10)
+    labels = torch.randint(0, 10, (2, 7))
+    batches = [(logits[i][:, None, None, :], labels[i]) for i in range(2)]
+    model = Fixed().train()
+    out = classifier_accuracy(model, batches, torch.device("cpu"))
+    flat, y = logits.reshape(14, 10), labels.reshape(14)
+    top1 = 100.0 * (flat.argmax(-1) == y).float().mean().item()
+    top5 = 100.0 * (flat.topk(5, -1).indices == y[:, None]).any(-1).float().mean().item()
+    assert out == pytest.approx({"val_top1": top1, "val_top5": top5}) and model.training
+    method = make_method()
+    assert set(method.evaluate_classifier(batches[:0] or [(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))],
+                                          torch.device("cpu"))) == {"val_top1"}

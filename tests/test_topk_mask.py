@@ -188,20 +188,20 @@ def test_cls_attention_mask_gate_matches_reference(backend, mask_prob):
 def test_kernel_handles_unchecked_counts_like_reference(backend):
     # With value checks off a per-sample show_ratio may exceed the show_max pool (every candidate is
     # revealed) and ratios may leave [0, 1): the kernels clamp the counts like the reference.
-    from fastmask.kernels import topk_mask
+    from fastmask.philox import seed_tensor
 
     g = torch.Generator().manual_seed(9)
     attn = torch.rand(4, 49, generator=g).to(DEVICE)
     ratio = torch.tensor([0.0, 20.5 / 49, 1.0, -0.3], dtype=torch.float64, device=DEVICE)
     show_ratio = torch.tensor([9.5 / 49, 2.5 / 49, 0.9, 0.1], device=DEVICE)
-    out = topk_mask.cls_attention_mask(attn, ratio, 21, mode="hint", gate_threshold=2**32, num_candidates=4,
-                                       show_ratio=show_ratio, backend=backend)
-    ref = reference.cls_attention_mask(attn, ratio, 21, "hint", 1.0, 4.5 / 49, show_ratio)
+    seed = seed_tensor(seed=21, device=DEVICE)
+    op = torch.ops.fastmask.cls_attention_mask
+    out = op(attn, ratio, 0.0, seed, "hint", 1.0, 4.5 / 49, show_ratio, 0.0, backend)
+    ref = reference.cls_attention_mask(attn, ratio, 0.0, 21, "hint", 1.0, 4.5 / 49, show_ratio, 0.0)
     assert torch.equal(out, ref)
     # One count for every row instead of per-row ratios (what ops passes for a float ratio).
-    out = topk_mask.cls_attention_mask(attn, None, 21, mode="hint", gate_threshold=2**32, num_candidates=4,
-                                       num_masked=int(1.3 * 49), num_shown=int(-0.05 * 49), backend=backend)
-    assert torch.equal(out, reference.cls_attention_mask(attn, 1.3, 21, "hint", 1.0, 4.5 / 49, -0.05))
+    out = op(attn, None, 1.3, seed, "hint", 1.0, 4.5 / 49, None, -0.05, backend)
+    assert torch.equal(out, reference.cls_attention_mask(attn, None, 1.3, 21, "hint", 1.0, 4.5 / 49, None, -0.05))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -245,17 +245,22 @@ def test_kernels_at_training_shapes(backend, N):
 def test_fused_ops_launch_one_kernel(backend):
     # The point of fusing: at training sizes these ops are launch-bound, so each call is one kernel
     # (per-row counts are computed inside it, the output needs no memset).  The torch recipes they
-    # replace launch 2 (top-k + sort), 8-9 (AttMask-High) and 25 (AttMask-Hint) kernels.
+    # replace launch 2 (top-k + sort), 8-9 (AttMask-High) and 25 (AttMask-Hint) kernels.  The seed
+    # is a device tensor drawn once per call (one more small launch, what CUDA-graph replay needs):
+    # drawn outside the count here.
+    from fastmask.philox import seed_tensor
+
+    seed = seed_tensor(seed=1, device=DEVICE)
     g = torch.Generator().manual_seed(2)
     attn = torch.rand(8, 196, generator=g).to(DEVICE)
     ratio = (0.1 + 0.4 * torch.rand(8, generator=g)).to(DEVICE)
     show = (0.01 + 0.04 * torch.rand(8, generator=g)).to(DEVICE)
     calls = {
         "topk": lambda: ops.topk_tokens(attn, 98, backend=backend),
-        "high, per-row ratios": lambda: ops.cls_attention_mask(attn, ratio, seed=1, backend=backend),
-        "low, float ratio": lambda: ops.cls_attention_mask(attn, 0.3, mode="low", seed=1, backend=backend),
+        "high, per-row ratios": lambda: ops.cls_attention_mask(attn, ratio, seed=seed, backend=backend),
+        "low, float ratio": lambda: ops.cls_attention_mask(attn, 0.3, mode="low", seed=seed, backend=backend),
         "hint, gated": lambda: ops.cls_attention_mask(attn, ratio, mode="hint", mask_prob=0.5, show_max=0.1,
-                                                      show_ratio=show, seed=1, backend=backend),
+                                                      show_ratio=show, seed=seed, backend=backend),
     }
     with ops.value_checks(False):  # the checks sync on purpose; training runs without them
         for what, call in calls.items():
@@ -574,8 +579,7 @@ def test_cuda_kernel_logic_on_cpu_emulation(tmp_path):
                 lines.append(f"mask {nbits} 1 {N} {values} {seed} {2**32} {candidates} {code} "
                              f"{text(ratio, N // 2)} {text(show, 0)}")
                 expected.append(reference.cls_attention_mask(
-                    scores, (N // 2 + 0.5) / N if ratio is None else ratio, seed, mode, 1.0, (candidates + 0.5) / N,
-                    show))
+                    scores, ratio, (N // 2 + 0.5) / N, seed, mode, 1.0, (candidates + 0.5) / N, show, 0.0))
     out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
     results = out.stdout.split("|\n")[:-1]
     assert len(results) == len(expected)

@@ -88,15 +88,81 @@ def test_recipes_load(recipe):
     (["method.student_mask=attmask_high", "method.student_mask_mode=drop"], "student_mask_mode=drop"),
     (["model.img_size=30"], "not divisible"),
     (["data.image_size=64"], "differs from model.img_size"),
-    (["optim.warmup_epochs=500"], "optim.warmup_epochs"),
+    (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
     (["resume=/no/such/checkpoint.pt"], "checkpoint not found"),
     (["amp=fp8"], "amp: must be one of"),
     (["optim.lr"], "must look like key=value"),
+    (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
+    (["data.batch_size=abc"], "data.batch_size: expected an integer, got 'abc'"),
+    (["model=3"], "model: expected a mapping of ModelConfig fields"),
+    (["compile=maybe"], "compile: expected true/false"),
 ])
 def test_bad_config_fails_with_clear_message(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert needle in str(err.value)
+
+
+def test_errors_are_one_line():
+    for overrides in (["optim.lrr=1"], ["epochs=ten"], ["optim.lr=-1"], ["method.attmask_ratio=0.3"]):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=overrides)
+        assert "\n" not in str(err.value), str(err.value)
+
+
+def test_overrides_are_typed_and_merged_over_the_recipe():
+    cfg = load_config(config="dino_tiny_builtin", overrides=[
+        "epochs=3.0", "optim.lr=1", "amp=off", "method_cfg.attmask_ratio=[0.2, 0.4]", "model.checkpoint=none"])
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.amp == "off" and cfg.method.attmask_ratio == (0.2, 0.4) and cfg.model.checkpoint is None
+    assert isinstance(cfg.optim.betas, tuple) and type(cfg.method).__name__ == "DINOConfig"
+
+
+@pytest.mark.parametrize("recipe,module,check", [
+    ("masksub_tiny_builtin", "masksub", "check_masksub_config"),
+    ("maskedkd_tiny_builtin", "maskedkd", "check_maskedkd_config"),
+    ("maskdistill_tiny_builtin", "maskdistill", "check_maskdistill_config"),
+])
+def test_method_checks_run_once(recipe, module, check, monkeypatch):
+    """Loading a recipe and building its method runs the method's option check exactly once."""
+    import importlib
+    import warnings
+
+    mod = importlib.import_module(f"fastmask.methods.{module}")
+    calls = []
+    original = getattr(mod, check)
+    monkeypatch.setattr(mod, check, lambda c: (calls.append(c), original(c))[1])
+    cfg = load_config(config=recipe, overrides=["model.depth=1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random teachers
+        mod.METHOD(cfg, 3)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("recipe", ["maskedkd_tiny_builtin", "maskdistill_tiny_builtin"])
+def test_teacher_section_is_shared_and_built_by_one_function(recipe, monkeypatch):
+    import warnings
+
+    from fastmask.config import TeacherConfig
+    from fastmask.methods import base, get_method
+
+    cfg = load_config(config=recipe, overrides=["method.teacher.depth=1", "method.teacher.arch=vit_tiny",
+                                                "method.teacher.embed_dim=24", "method.teacher.num_heads=2"])
+    assert isinstance(cfg.method.teacher, TeacherConfig) and cfg.method.teacher.depth == 1
+    built = []
+    original = base.build_teacher
+    module = __import__(f"fastmask.methods.{cfg.method_name}", fromlist=["build_teacher"])
+    monkeypatch.setattr(module, "build_teacher", lambda *a, **k: built.append(a[0]) or original(*a, **k))
+    with pytest.warns(UserWarning, match="method.teacher.checkpoint"):
+        method = get_method(cfg.method_name)(cfg, 3)
+    assert built == [cfg.method.teacher]
+    assert len(method.teacher.blocks) == 1 and method.teacher.embed_dim == 24
+    assert not any(p.requires_grad for p in method.teacher.parameters()) and not method.teacher.training
+    with pytest.raises(ConfigError, match="unknown key method.teacher.depht; did you mean 'depth'"):
+        load_config(config=recipe, overrides=["method.teacher.depht=1"])
+    with pytest.raises(ConfigError, match="method.teacher.num_heads must be >= 0"):
+        load_config(config=recipe, overrides=["method.teacher.num_heads=-2"])
 
 
 def test_bad_recipe_and_method(tmp_path):
@@ -287,3 +353,11 @@ def test_ddp_two_processes_gloo(tiny_folder, tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any(r.get("event") == "end" and "knn_top1" in r for r in records)
     assert "k-NN top-1" in proc.stdout
+
+
+def test_warmup_longer_than_the_run_is_shortened_with_a_notice(capsys):
+    # epochs=1 on a recipe with a longer warm-up (the natural smoke test) runs, warming up for half of it.
+    cfg = load_config(config="ibot_tiny_builtin", overrides=["epochs=1"])
+    assert cfg.optim.warmup_epochs == 0.5
+    assert "warm-up shortened to 0.5 epochs" in capsys.readouterr().out
+    assert load_config(config="ibot_tiny_builtin", overrides=["epochs=4", "optim.warmup_epochs=3"]).optim.warmup_epochs == 3

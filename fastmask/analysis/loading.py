@@ -74,7 +74,12 @@ def _read(path: str):
         return load_file(path, device="cpu")
     # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors; the
     # file is the user's own.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises several types for a cut-off or foreign file
+        from .._cli import unreadable_checkpoint
+
+        raise ValueError(unreadable_checkpoint(path, e)) from e
 
 
 def load_vit_for_analysis(
@@ -163,9 +168,9 @@ def _build_inferred(kw, sd, run_cfg, used, arch, num_heads, model_kwargs):
     heads = num_heads
     if heads is None and run_cfg is not None:
         m = run_cfg.get("model", {})
-        mcfg = run_cfg.get("method_cfg", {}) or {}
-        if used.startswith("teacher") and mcfg.get("teacher_num_heads"):
-            heads = int(mcfg["teacher_num_heads"])
+        t_heads = _run_teacher(run_cfg).get("num_heads")
+        if used.startswith("teacher") and t_heads:
+            heads = int(t_heads)
         elif not used.startswith("teacher") and m.get("num_heads"):
             heads = int(m["num_heads"])
         elif m.get("arch"):
@@ -222,18 +227,26 @@ def load_backbone(path: str, which: Optional[str] = None, *, arch: Optional[str]
     return model, info
 
 
-def _run_arch(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Optional[str]:
+def _run_teacher(run_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's teacher section: ``method_cfg.teacher``, or the flat ``teacher_*`` keys of older runs."""
     mcfg = run_cfg.get("method_cfg") or {}
-    if prefix and prefix.startswith("teacher") and mcfg.get("teacher_arch"):
-        return str(mcfg["teacher_arch"])
+    if isinstance(mcfg.get("teacher"), dict):
+        return mcfg["teacher"]
+    return {k[len("teacher_"):]: v for k, v in mcfg.items() if k.startswith("teacher_")}
+
+
+def _run_arch(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Optional[str]:
+    teacher = _run_teacher(run_cfg)
+    if prefix and prefix.startswith("teacher") and teacher.get("arch"):
+        return str(teacher["arch"])
     return (run_cfg.get("model") or {}).get("arch")
 
 
 def _run_sizes(run_cfg: Dict[str, Any], prefix: Optional[str]) -> Dict[str, Any]:
     m = run_cfg.get("model") or {}
-    mcfg = run_cfg.get("method_cfg") or {}
-    teacher_own = bool(prefix and prefix.startswith("teacher") and mcfg.get("teacher_arch"))
-    src = {k: mcfg.get(f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads", "patch_size")} if teacher_own \
+    teacher = _run_teacher(run_cfg)
+    teacher_own = bool(prefix and prefix.startswith("teacher") and teacher.get("arch"))
+    src = {k: teacher.get(k) for k in ("depth", "embed_dim", "num_heads", "patch_size")} if teacher_own \
         else {k: m.get(k) for k in ("depth", "embed_dim", "num_heads", "patch_size")}
     return {k: int(v) for k, v in src.items() if v}
 

@@ -32,11 +32,12 @@ from .builtin import BUILTIN_DATASETS, ensure_builtin
 from .dali_loader import DaliLoader, dali_available
 from .folder import DatasetError, ImageFolderSplit, ShardPlan, check_image_file, scan_image_folder
 from .torch_loader import TorchLoader
+from .webdataset import is_shard_split, write_shards
 
 __all__ = [
     "DataConfig", "make_loader", "resolve_data_root", "DatasetError", "dali_available",
     "BUILTIN_DATASETS", "ensure_builtin", "scan_image_folder", "check_image_file", "ImageFolderSplit",
-    "ShardPlan", "augment",
+    "ShardPlan", "augment", "write_shards",
 ]
 
 PIPELINES = ("multicrop", "supervised", "eval")
@@ -45,15 +46,17 @@ LOADERS = ("dali", "torch", "auto")
 
 @dataclass
 class DataConfig:
-    data: str = "builtin:shapes"  # "builtin:shapes" | "builtin:digits" | ImageFolder root with train/ val/
+    data: str = "builtin:shapes"  # "builtin:shapes" | "builtin:digits" | root with train/ val/ (ImageFolder or .tar shards)
     loader: str = "auto"  # "dali" | "torch" | "auto" (DALI on a GPU when importable, else torch)
     batch_size: int = 64  # per process
     num_workers: int = 2  # DataLoader workers, or DALI CPU threads
     image_size: int = 224  # global crop / supervised crop / eval crop size
     local_size: int = 96
-    num_local_crops: int = 6
-    global_scale: Tuple[float, float] = (0.25, 1.0)
-    local_scale: Tuple[float, float] = (0.05, 0.25)
+    # DINO's main_dino.py defaults (8 local crops, global (0.4, 1), local (0.05, 0.4)); iBOT and AttMask
+    # use 10 local crops with (0.25, 1) / (0.05, 0.25): their recipes set these explicitly.
+    num_local_crops: int = 8
+    global_scale: Tuple[float, float] = (0.4, 1.0)
+    local_scale: Tuple[float, float] = (0.05, 0.4)
     three_augment: bool = False  # DeiT-III 3-Augment for supervised training
     cache_dir: str = "~/.cache/fastmask"  # built-in datasets and the file-validation cache
     supervised_scale: Tuple[float, float] = (0.08, 1.0)
@@ -133,6 +136,15 @@ def make_loader(
                            "install nvidia-dali-cuda120 or use loader='torch'")
 
     root = resolve_data_root(cfg)
+    if is_shard_split(root, split):  # webdataset .tar shards (fastmask/data/webdataset.py)
+        from . import webdataset as wds
+
+        data = wds.scan_shards(root, split)
+        plan = wds.ShardedPlan(data.shard_sizes, int(cfg.batch_size), int(shard_id), int(num_shards), int(seed),
+                               shuffle, drop_last)
+        cls = wds.DaliShardLoader if backend == "dali" else wds.TorchShardLoader
+        return cls(data, pipeline, _specs(cfg, pipeline), plan, num_workers=int(cfg.num_workers),
+                   seed=int(seed), device=device)
     data = scan_image_folder(root, split, validate=cfg.validate, cache_dir=cfg.cache_dir)
     plan = ShardPlan(len(data), int(cfg.batch_size), int(shard_id), int(num_shards), int(seed), shuffle, drop_last)
     cls = DaliLoader if backend == "dali" else TorchLoader

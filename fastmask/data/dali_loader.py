@@ -154,8 +154,9 @@ class _Graph:
 
 
 def build_pipeline(files: List[str], labels: List[int], pipeline: str, specs, *, batch_size: int,
-                   num_threads: int, device_id: Optional[int], seed: int):
-    """A built DALI pipeline whose outputs are the views then the labels."""
+                   num_threads: int, device_id: Optional[int], seed: int, reader=None):
+    """A built DALI pipeline whose outputs are the views then the labels.  ``reader()`` builds the
+    (encoded images, labels) nodes instead of the file reader (webdataset shards)."""
     from nvidia.dali import Pipeline, fn, types
 
     gpu = device_id is not None
@@ -163,8 +164,11 @@ def build_pipeline(files: List[str], labels: List[int], pipeline: str, specs, *,
                     prefetch_queue_depth=2)
     graph = _Graph(gpu)
     with pipe:
-        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         pad_last_batch=True, name=_READER)
+        if reader is not None:
+            encoded, label = reader()
+        else:
+            encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                             pad_last_batch=True, name=_READER)
         images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if pipeline == "multicrop":
             views = [graph.crop_view(images, spec) for spec in specs]

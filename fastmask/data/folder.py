@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -77,7 +78,45 @@ def check_image_file(path: str, mode: str = "header") -> Optional[str]:
                 im.convert("RGB").load()
     except Exception as e:  # PIL raises many types for bad data; any of them means "skip"
         return f"cannot decode ({type(e).__name__}: {e})"
+    if mode == "full" and kind == "jpeg":
+        # A JPEG cut short and then given an end marker (a common way broken copies end) decodes
+        # in PIL without error: libjpeg only *warns* and pads the missing rows with grey.
+        complaint = _libjpeg_warning(path)
+        if complaint:
+            return f"corrupt JPEG ({complaint})"
     return None
+
+
+def _libjpeg_warning(path: str) -> Optional[str]:
+    """libjpeg's warning for ``path`` ("Corrupt JPEG data: ..."), or None for a clean decode.
+
+    libjpeg writes its warnings straight to file descriptor 2 (neither PIL nor torchvision turn them
+    into exceptions), so the decode runs with fd 2 pointed at a temporary file.
+    """
+    import tempfile
+
+    try:
+        from torchvision.io import decode_jpeg, read_file
+    except Exception:  # torchvision without image I/O: PIL's check above is all we have
+        return None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torchvision's deprecation notice for its decoders
+                decode_jpeg(read_file(path))
+            error = None
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode("utf-8", "replace").strip()
+    lines = [line.strip() for line in text.splitlines() if "JPEG" in line or "jpeg" in line]
+    return error or (lines[0] if lines else None)
 
 
 class _ValidationCache:
@@ -131,6 +170,7 @@ class ImageFolderSplit:
     bad_files: List[Tuple[str, str]] = field(default_factory=list)
     empty_classes: List[str] = field(default_factory=list)
     late_bad: set = field(default_factory=set)
+    ignored: int = 0  # hidden and non-image files (``.DS_Store``, ``notes.txt``): not data, not bad
 
     @property
     def num_classes(self) -> int:
@@ -146,6 +186,15 @@ class ImageFolderSplit:
             if path not in self.late_bad:
                 self.late_bad.add(path)
                 self.bad_files.append((path, reason))
+
+
+# (split directory, validation mode, bad files) already reported by a warning in this process.
+_REPORTED: set = set()
+
+
+def _ignored(fname: str) -> bool:
+    """Files that are not meant as data: hidden ones and those without an image extension."""
+    return fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _class_dirs(path: str) -> List[str]:
@@ -178,6 +227,7 @@ def scan_image_folder(
     files: List[str] = []
     labels: List[int] = []
     bad: List[Tuple[str, str]] = []
+    ignored = 0
     counts = {c: 0 for c in classes}
     for name in _class_dirs(split_dir):
         class_dir = os.path.join(split_dir, name)
@@ -186,6 +236,9 @@ def scan_image_folder(
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fname in sorted(filenames):
                 path = os.path.join(dirpath, fname)
+                if _ignored(fname):
+                    ignored += 1
+                    continue
                 if label is None:
                     bad.append((path, f"class folder {name!r} is not a class of {class_root!r}"))
                     continue
@@ -208,7 +261,10 @@ def scan_image_folder(
     cache.save()
 
     empty = [c for c in classes if counts[c] == 0]
-    if bad:
+    report_key = (os.path.realpath(split_dir), validate, tuple(bad))
+    first_report = report_key not in _REPORTED  # evaluation rescans the split: say it once
+    _REPORTED.add(report_key)
+    if bad and first_report:
         shown = "; ".join(f"{os.path.relpath(p, root)}: {r}" for p, r in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         warnings.warn(f"skipping {len(bad)} bad file(s) in {split_dir}: {shown}{more}", stacklevel=3)
@@ -217,12 +273,12 @@ def scan_image_folder(
             f"no usable images in {split_dir!r} ({len(bad)} bad file(s) skipped, "
             f"{len(classes)} class folder(s) from {class_root!r})"
         )
-    if empty:
+    if empty and first_report:
         warnings.warn(
             f"{len(empty)} class folder(s) in {split_dir} have no usable images: {', '.join(empty[:10])}",
             stacklevel=3,
         )
-    return ImageFolderSplit(root, split, classes, files, labels, bad, empty)
+    return ImageFolderSplit(root, split, classes, files, labels, bad, empty, ignored=ignored)
 
 
 def derive_seed(*parts: int) -> int:

@@ -23,12 +23,19 @@ def decode_rgb(path: str) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grey (PNG/TIFF): PIL's convert("RGB") clips at 255 instead of scaling.
+            grey = np.asarray(im, dtype=np.int64)
+            arr = np.repeat((np.clip(grey, 0, 65535) // 257).astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()
 
 
 class _TransformedFiles(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[str], labels: Sequence[int], pipeline: str, specs, seed: int):
+    def __init__(self, files: Sequence[str], labels: Sequence[int], pipeline: str, specs, seed: int,
+                 decode=decode_rgb):
+        self.decode = decode
         self.files = list(files)
         self.labels = list(labels)
         self.pipeline = pipeline
@@ -41,7 +48,7 @@ class _TransformedFiles(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key
         try:
-            img = decode_rgb(self.files[index])
+            img = self.decode(self.files[index])
         except Exception as e:  # any decode failure: drop the sample, the batch still goes out
             return None, index, f"cannot decode ({type(e).__name__}: {e})"
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, index, 0x70C4))
@@ -90,13 +97,14 @@ class TorchLoader(LoaderBase):
     backend = "torch"
 
     def __init__(self, split: ImageFolderSplit, pipeline: str, specs, plan: ShardPlan, *,
-                 num_workers: int, seed: int, device: torch.device):
+                 num_workers: int, seed: int, device: torch.device, decode=decode_rgb):
         self.split = split
         self.pipeline = pipeline
         self.plan = plan
         self.device = device
         self._sampler = _EpochBatchSampler(plan)
-        dataset = _TransformedFiles(split.files, split.labels, pipeline, specs, seed)
+        # decode: file handle -> uint8 [3, H, W] (paths here; tar members for webdataset shards).
+        dataset = _TransformedFiles(split.files, split.labels, pipeline, specs, seed, decode)
         self._loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=self._sampler,

@@ -20,10 +20,22 @@ import torch
 
 from .. import ops
 from .block import block_masks
-from .ratios import RatioSpec, check_fraction, check_range, counts_from_ratio, draw_ratio, generator_device, uniform
+from .ratios import (
+    RatioSpec,
+    check_fraction,
+    check_range,
+    check_ratio_per,
+    counts_from_ratio,
+    draw_ratio,
+    generator_device,
+    uniform,
+)
+
+HINT_COUNTS = ("tied", "independent")
 
 __all__ = [
     "AttMaskPolicy",
+    "HINT_COUNTS",
     "BlockMaskPolicy",
     "MaskPolicy",
     "NoMaskPolicy",
@@ -109,16 +121,18 @@ class RandomMaskPolicy(MaskPolicy):
 
     ratio: RatioSpec = 0.75
     mask_prob: float = 1.0
+    ratio_per: str = "sample"  # a (low, high) ratio drawn per image (iBOT's loader) or once per batch
     name = "random"
 
     def __post_init__(self):
         self.ratio = check_range("ratio", self.ratio)
         self.mask_prob = check_fraction("mask_prob", self.mask_prob, closed=True)
+        self.ratio_per = check_ratio_per(self.ratio_per)
 
     def generate(self, batch_size, grid_size, *, cls_attn, generator, device):
         N = grid_size[0] * grid_size[1]
         # Ratios are always drawn first, so a policy's per-sample ratios can be replayed from its generator.
-        ratio = draw_ratio(self.ratio, batch_size, generator, device)
+        ratio = draw_ratio(self.ratio, batch_size, generator, device, self.ratio_per)
         noise = uniform((batch_size, N), generator, device)
         return ops.cls_attention_mask(noise, ratio, mode="high", mask_prob=self.mask_prob, generator=generator)
 
@@ -133,11 +147,13 @@ class BlockMaskPolicy(MaskPolicy):
     min_num_patches: int = 16
     max_num_patches: Optional[int] = None
     aspect_ratio: Tuple[float, float] = (0.3, 1 / 0.3)
+    ratio_per: str = "sample"  # iBOT's ImageFolderMask draws a ratio per image and crop
     name = "block"
 
     def __post_init__(self):
         self.ratio = check_range("ratio", self.ratio)
         self.mask_prob = check_fraction("mask_prob", self.mask_prob, closed=True)
+        self.ratio_per = check_ratio_per(self.ratio_per)
         if isinstance(self.min_num_patches, bool) or not isinstance(self.min_num_patches, int) or self.min_num_patches < 1:
             raise ValueError(f"min_num_patches must be a positive int, got {self.min_num_patches!r}")
         if self.max_num_patches is not None and (
@@ -153,7 +169,7 @@ class BlockMaskPolicy(MaskPolicy):
         N = grid_size[0] * grid_size[1]
         # Built where the random numbers live (the generator's device), then moved once.
         build_on = generator_device(generator, device)
-        ratio = draw_ratio(self.ratio, batch_size, generator, build_on)
+        ratio = draw_ratio(self.ratio, batch_size, generator, build_on, self.ratio_per)
         counts = counts_from_ratio(ratio, N, batch_size, build_on)
         if self.mask_prob < 1.0:
             gate = torch.rand(batch_size, generator=generator, device=build_on) < self.mask_prob
@@ -170,15 +186,24 @@ class AttMaskPolicy(MaskPolicy):
     """AttMask ("What to Hide from Your Students", Kakogeorgiou et al., ECCV 2022).
 
     ``high`` hides the most attended patches, ``low`` the least attended, ``hint`` hides like
-    ``high`` then reveals ``show_ratio`` of the patches, drawn among the ``show_max`` most attended.
-    Defaults are the paper's: mask_prob 0.5, ratio ~ U(0.1, 0.5), show_max 0.1, show_ratio ~ U(0.01, 0.05).
+    ``high`` then reveals some patches drawn among the ``show_max`` most attended.  Defaults are the
+    official code's (gkakogeorgiou/attmask, main_attmask.py ``train_one_epoch`` and attmask.py
+    ``AttMask``): mask_prob 0.5, ratio ~ U(0.1, 0.5) drawn once per batch (``ratio_per="batch"``: one
+    ``get_pred_ratio()`` per iteration, shared by every image and both global views when the method
+    masks its global views in one call), show_max 0.1, and a hint count tied to the mask ratio
+    (``hint_count="tied"``: ``int(show_max * ratio * N)`` revealed tokens).
+
+    fastmask's variants: ``ratio_per="sample"`` draws a ratio per image, ``hint_count="independent"``
+    reveals ``int(show_ratio * N)`` tokens with ``show_ratio ~ U(0.01, 0.05)`` drawn per image.
     """
 
     mode: str = "high"
     ratio: RatioSpec = (0.1, 0.5)
     mask_prob: float = 0.5
     show_max: float = 0.1
-    show_ratio: Optional[RatioSpec] = (0.01, 0.05)
+    show_ratio: Optional[RatioSpec] = (0.01, 0.05)  # hint_count="independent" only
+    ratio_per: str = "batch"
+    hint_count: str = "tied"
     name = "attmask"
     needs_cls_attn = True
 
@@ -189,19 +214,27 @@ class AttMaskPolicy(MaskPolicy):
         self.ratio = check_range("ratio", self.ratio)
         self.mask_prob = check_fraction("mask_prob", self.mask_prob, closed=True)
         self.show_max = check_fraction("show_max", self.show_max, closed=True)
-        if self.mode == "hint":
+        self.ratio_per = check_ratio_per(self.ratio_per)
+        if self.hint_count not in HINT_COUNTS:
+            raise ValueError(f"hint_count must be one of {HINT_COUNTS}, got {self.hint_count!r}")
+        if self.mode == "hint" and self.hint_count == "independent":
             if self.show_ratio is None:
-                raise ValueError("attmask_hint needs show_ratio (a float or a (low, high) range, paper: (0.01, 0.05))")
+                raise ValueError("attmask_hint with hint_count='independent' needs show_ratio "
+                                 "(a float or a (low, high) range, e.g. (0.01, 0.05))")
             self.show_ratio = check_range("show_ratio", self.show_ratio, closed=True)
             top = self.show_ratio[1] if isinstance(self.show_ratio, tuple) else self.show_ratio
             if top > self.show_max:
                 raise ValueError(f"show_ratio ({self.show_ratio}) must not exceed show_max ({self.show_max})")
 
     def generate(self, batch_size, grid_size, *, cls_attn, generator, device):
-        ratio = draw_ratio(self.ratio, batch_size, generator, device)
+        ratio = draw_ratio(self.ratio, batch_size, generator, device, self.ratio_per)
         show_ratio = None
         if self.mode == "hint":
-            show_ratio = draw_ratio(self.show_ratio, batch_size, generator, device)
+            if self.hint_count == "tied":
+                # attmask.py show_hints: int(show_ratio * N) with show_ratio = show_max * pred_ratio
+                show_ratio = ratio * self.show_max
+            else:
+                show_ratio = draw_ratio(self.show_ratio, batch_size, generator, device)
         return ops.cls_attention_mask(
             cls_attn, ratio, mode=self.mode, mask_prob=self.mask_prob, show_max=self.show_max,
             show_ratio=show_ratio, generator=generator,

@@ -70,11 +70,27 @@ def check_range(name: str, spec, *, closed: bool = False) -> RatioSpec:
     return check_fraction(name, spec, closed=closed)
 
 
-def draw_ratio(spec: RatioSpec, batch: int, generator, device) -> Union[float, torch.Tensor]:
-    """A float stays a float (one ratio for the whole batch); a range becomes a [batch] tensor."""
-    if isinstance(spec, tuple):
+RATIO_PER = ("sample", "batch")
+
+
+def check_ratio_per(value) -> str:
+    if value not in RATIO_PER:
+        raise ValueError(f"ratio_per must be one of {RATIO_PER}, got {value!r}")
+    return value
+
+
+def draw_ratio(spec: RatioSpec, batch: int, generator, device, per: str = "sample") -> Union[float, torch.Tensor]:
+    """A float stays a float (one ratio for the whole batch); a range becomes a [batch] tensor: one
+    draw per row (``per="sample"``), or one draw shared by every row (``per="batch"``, AttMask's
+    ``get_pred_ratio()`` once per iteration).  The shared draw stays on the device (a [batch] tensor
+    of one value, no host synchronisation) and costs no launch more than per-row draws."""
+    if not isinstance(spec, tuple):
+        return spec
+    if per == "sample":
         return sample_ratios(batch, spec[0], spec[1], generator=generator, device=device)
-    return spec
+    low, high = spec
+    u = uniform((1,), generator, device).expand(batch)
+    return (low + (high - low) * u).clamp_(min=low, max=high)
 
 
 def counts_from_ratio(ratio: Union[float, torch.Tensor], num_tokens: int, batch: int, device) -> torch.Tensor:

@@ -19,19 +19,25 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
 * ``eval_backbone()``: the module used for k-NN evaluation and attention maps; its
   ``forward_features(x, return_cls_attn=...)`` returns ``fastmask.models.ViTFeatures``.
-* ``param_groups(weight_decay)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
+* ``evaluate_classifier(loader, device, amp_dtype)``: validation accuracy of the method's classifiers
+  (``{"val_top1": ..., "val_top5": ...}``, percent) on the driver's eval loader, logged next to the
+  k-NN accuracy; ``{}`` for methods without a classifier (the self-supervised ones).
+* ``param_groups(weight_decay, rule)``: optimizer groups.  Groups with ``apply_wd=True`` follow the
   driver's weight-decay schedule; the others keep weight decay 0.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["Method", "SelfDistillation", "StepState", "build_backbone", "ema_update_", "split_decay_params"]
+__all__ = ["Method", "SelfDistillation", "StepState", "build_backbone", "build_teacher", "ema_update_",
+           "split_decay_params"]
 
 
 @dataclass
@@ -62,22 +68,14 @@ class StepState:
 
 
 def split_decay_params(named_params, skip_names=()) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """Split parameters into (decayed, not decayed).
+    """(decayed, not decayed) under timm's rule: biases, 1-D parameters, tokens and position
+    embeddings are exempt, and so is any name containing one of ``skip_names``."""
+    from ..engine.optim import decay_split
 
-    Biases, norm weights (every 1-D parameter), tokens and positional embeddings get no weight
-    decay, as in DINO/iBOT/DeiT.
-    """
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if (p.ndim <= 1 or name.endswith(".bias") or "token" in leaf or "pos_embed" in leaf
-                or any(s in name for s in skip_names)):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return decay, no_decay
+    named = list(named_params)
+    skipped = [p for n, p in named if p.requires_grad and any(s in n for s in skip_names)]
+    decay, no_decay = decay_split([(n, p) for n, p in named if not any(s in n for s in skip_names)], "timm")
+    return decay, no_decay + skipped
 
 
 @torch.no_grad()
@@ -136,6 +134,12 @@ class Method(nn.Module):
         student = getattr(student, "module", student)  # unwrap DDP
         return getattr(student, "backbone", student)  # unwrap MultiCropWrapper
 
+    def evaluate_classifier(self, loader, device: torch.device,
+                            amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+        """Validation top-1/top-5 (percent) of the method's classifier(s) on ``loader`` (the driver's
+        eval pipeline over the val split).  Self-supervised methods have none: ``{}``."""
+        return {}
+
     def trainable_modules(self) -> Dict[str, nn.Module]:
         """Modules whose parameters the optimizer updates and DDP synchronises (default: ``student``)."""
         student = getattr(self, "student", None)
@@ -143,18 +147,16 @@ class Method(nn.Module):
             return {"": self}
         return {"student": student}
 
-    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+    def param_groups(self, weight_decay: float, rule: str = "dino") -> List[Dict[str, Any]]:
+        """Optimizer groups of the trainable modules under ``rule`` (``optim.decay_groups``: ``dino``
+        or ``timm``, see ``fastmask.engine.optim``)."""
+        from ..engine.optim import weight_decay_groups
+
         named = []
         for prefix, module in self.trainable_modules().items():
             for n, p in module.named_parameters():
                 named.append((f"{prefix}.{n}" if prefix else n, p))
-        decay, no_decay = split_decay_params(named)
-        groups = []
-        if decay:
-            groups.append({"params": decay, "weight_decay": weight_decay, "apply_wd": True})
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0, "apply_wd": False})
-        return groups
+        return weight_decay_groups(named, weight_decay, rule)
 
     # ------------------------------------------------------------------ helpers
     def extra_repr(self) -> str:
@@ -170,7 +172,8 @@ def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: 
     from ..models import create_vit
 
     m = cfg.model
-    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads") if getattr(m, k, 0)}
+    kwargs = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads", "no_embed_class") if getattr(m, k, 0)}
+    kwargs["drop_path_schedule"] = getattr(m, "drop_path_schedule", "linear")
     kwargs.update(overrides)
     model = create_vit(m.arch, patch_size=m.patch_size, img_size=m.img_size, num_classes=num_classes,
                        drop_path_rate=m.drop_path_rate if drop_path_rate is None else drop_path_rate, **kwargs)
@@ -179,6 +182,30 @@ def build_backbone(cfg, *, drop_path_rate: Optional[float] = None, num_classes: 
 
         load_checkpoint(model, m.checkpoint)
     return model
+
+
+def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 0, img_size=None,
+                  method: str = "the method"):
+    """The frozen teacher ViT described by a ``TeacherConfig`` (MaskedKD and MaskDistill): patch
+    size ``tcfg.patch_size`` (0: ``student_patch``), sized for the student's patch grid (``img_size``
+    defaults to ``student_grid * patch``), loaded from ``tcfg.checkpoint``, eval mode, no gradients."""
+    from ..models import create_vit, load_checkpoint
+
+    patch = tcfg.patch_size or student_patch
+    kwargs = {k: getattr(tcfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(tcfg, k)}
+    if tcfg.pre_norm:
+        kwargs["pre_norm"] = True
+    if tcfg.act_layer:
+        kwargs["act_layer"] = tcfg.act_layer
+    teacher = create_vit(tcfg.arch, patch_size=patch, img_size=img_size or student_grid[0] * patch,
+                         num_classes=num_classes, **kwargs)
+    if tcfg.checkpoint:
+        load_checkpoint(teacher, os.path.expanduser(tcfg.checkpoint), key=tcfg.checkpoint_key)
+    else:
+        warnings.warn(f"{method} without method.teacher.checkpoint: the teacher is randomly initialised, which "
+                      "only makes sense for tests and throughput runs", stacklevel=3)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 class SelfDistillation(Method):

@@ -15,8 +15,9 @@ Masking options (``student_mask``):
 * ``attmask_high`` / ``attmask_low`` / ``attmask_hint`` — AttMask ("What to Hide from Your Students",
   Kakogeorgiou et al., ECCV 2022) applied to DINO: the teacher's last-layer CLS attention of each
   global view (returned by ``fastmask.ops.attention`` during the teacher's forward — no extra
-  forward) chooses which tokens the student does not see; per-sample ratio r ~ U(0.1, 0.5), each
-  image masked with probability 0.5, hints reveal a few of the most attended tokens.
+  forward) chooses which tokens the student does not see; as in AttMask's code one ratio
+  r ~ U(0.1, 0.5) per batch shared by both global views (``attmask_ratio_per``), each image masked with
+  probability 0.5, hints reveal int(0.1 * r * N) of the most attended tokens (``attmask_hint_count``).
 * ``none`` — plain DINO.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from .base import SelfDistillation, StepState
-from .losses import DINOLoss, teacher_temperature
+from .losses import DINOLoss
+from .schedules import teacher_temp_at
 
 __all__ = ["DINO", "DINOConfig", "METHOD", "MASK_CHOICES", "MASK_MODES", "build_student_masks", "mask_to_ids_keep"]
 
@@ -52,6 +54,7 @@ class DINOConfig:
     center_momentum: float = 0.9
     num_global_crops: int = 2
     fused_loss: bool = True  # fastmask.ops.sdist_loss: no [rows, K] float32 tensor saved (same loss)
+    fuse_last_layer: bool = False  # the loss applies the head's last layer slice by slice: no student logits
     # masking of the student's global views
     student_mask: str = "random"  # none | random | attmask_high | attmask_low | attmask_hint
     student_mask_mode: str = "mask_token"  # mask_token | drop (drop: random masking only)
@@ -59,7 +62,14 @@ class DINOConfig:
     attmask_ratio: Tuple[float, float] = (0.1, 0.5)  # AttMask: per-sample ratio ~ U(a, b)
     attmask_prob: float = 0.5  # AttMask: probability that an image is masked at all
     attmask_show_max: float = 0.1  # AttMask-Hint: reveal among the top show_max fraction
-    attmask_show_ratio: Tuple[float, float] = (0.01, 0.05)  # AttMask-Hint: fraction revealed ~ U(a, b)
+    attmask_show_ratio: Tuple[float, float] = (0.01, 0.05)  # AttMask-Hint, hint_count=independent: ~ U(a, b)
+    # AttMask's official code draws one ratio per batch, shared by both global views, and reveals
+    # int(show_max * ratio * N) hints (main_attmask.py train_one_epoch, attmask.py AttMask);
+    # "sample" / "independent" are fastmask's per-image variants.
+    attmask_ratio_per: str = "batch"  # batch | sample
+    attmask_hint_count: str = "tied"  # tied | independent
+    # Teacher-temperature warm-up: "linspace" as DINOLoss (final value at epoch warmup - 1) or "linear"
+    teacher_temp_warmup: str = "linspace"
 
     def __post_init__(self):
         if self.student_mask not in MASK_CHOICES:
@@ -85,6 +95,19 @@ class DINOConfig:
             raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
         if self.warmup_teacher_temp_epochs < 0:
             raise ValueError(f"warmup_teacher_temp_epochs must be >= 0, got {self.warmup_teacher_temp_epochs}")
+        check_attmask_options(self.attmask_ratio_per, self.attmask_hint_count, self.teacher_temp_warmup)
+
+
+def check_attmask_options(ratio_per: str, hint_count: str, temp_warmup: str) -> None:
+    from ..masking.policies import HINT_COUNTS
+    from ..masking.ratios import RATIO_PER
+    from .schedules import TEMP_WARMUPS
+
+    for name, value, choices in (("ratio_per", ratio_per, RATIO_PER + ("auto",)),
+                                 ("hint_count", hint_count, HINT_COUNTS),
+                                 ("teacher_temp_warmup", temp_warmup, TEMP_WARMUPS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def mask_to_ids_keep(mask: torch.Tensor) -> torch.Tensor:
@@ -103,9 +126,10 @@ def _policy_kwargs(mcfg, kind: str):
     if kind == "random":
         return dict(ratio=mcfg.student_mask_ratio)
     mode = kind.split("_", 1)[1]
-    kw = dict(ratio=tuple(mcfg.attmask_ratio), mask_prob=mcfg.attmask_prob)
+    kw = dict(ratio=tuple(mcfg.attmask_ratio), mask_prob=mcfg.attmask_prob, ratio_per=mcfg.attmask_ratio_per)
     if mode == "hint":
-        kw.update(show_max=mcfg.attmask_show_max, show_ratio=tuple(mcfg.attmask_show_ratio))
+        kw.update(show_max=mcfg.attmask_show_max, show_ratio=tuple(mcfg.attmask_show_ratio),
+                  hint_count=mcfg.attmask_hint_count)
     return kw
 
 
@@ -120,7 +144,18 @@ def build_student_masks(policy, global_crops: List[torch.Tensor], backbone, *,
                         cls_attn: Optional[List[torch.Tensor]] = None,
                         generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
     """One bool mask [B, N] per global crop (True = hidden), from ``policy``; with ``cls_attn`` (the
-    teacher's map per global crop) the policy ranks tokens by it (AttMask)."""
+    teacher's map per global crop) the policy ranks tokens by it (AttMask).
+
+    Global crops of one grid are masked in one call over their concatenation, as AttMask's
+    ``train_one_epoch`` masks the teacher attention of both views at once: one kernel launch, and a
+    per-batch ratio (``ratio_per="batch"``) is shared by both views.
+    """
+    grids = [backbone.grid_for(tuple(crop.shape[-2:])) for crop in global_crops]
+    if len(global_crops) > 1 and all(g == grids[0] for g in grids):
+        sizes = [crop.shape[0] for crop in global_crops]
+        attn = None if cls_attn is None else torch.cat(list(cls_attn))
+        mask = policy(sum(sizes), grids[0], cls_attn=attn, generator=generator, device=global_crops[0].device)
+        return list(mask.split(sizes))
     masks = []
     for i, crop in enumerate(global_crops):
         grid = backbone.grid_for(tuple(crop.shape[-2:]))
@@ -149,7 +184,8 @@ class DINO(SelfDistillation):
 
     def teacher_temp(self, state: StepState) -> float:
         m = self.mcfg
-        return teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs)
+        return teacher_temp_at(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs,
+                               rule=m.teacher_temp_warmup)
 
     def training_step(self, batch, state: StepState):
         crops, _ = batch
@@ -171,9 +207,13 @@ class DINO(SelfDistillation):
                 ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * len(locals_)
             else:
                 masks = list(global_masks) + [None] * len(locals_)
-        s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep)
+        s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep, head_on_cls=not m.fuse_last_layer)
         temp = self.teacher_temp(state)
-        loss = self.loss_fn(s_out.cls, t_out.cls, temp)
+        s_cls = s_out.cls
+        if m.fuse_last_layer:
+            head = self.student.head
+            s_cls = (head.project(s_cls), head.last_layer.weight)
+        loss = self.loss_fn(s_cls, t_out.cls, temp)
         metrics = {"teacher_temp": temp}
         if mask_frac is not None:
             metrics["mask_ratio"] = mask_frac

@@ -9,8 +9,9 @@ Masking (``mask``): ``block`` (iBOT's default, BEiT-style blocks), ``random``, o
 Hide from Your Students", ECCV 2022) ``attmask_high`` / ``attmask_low`` / ``attmask_hint``: the
 tokens are ranked by the teacher's last-layer CLS attention on the same global view.  The map comes
 out of ``fastmask.ops.attention`` inside the teacher's forward (``return_cls_attn``): the teacher runs
-first and there is no extra forward.  Every policy draws a per-sample ratio r ~ U(mask_ratio) and
-masks each image with probability ``mask_prob`` (0.5).
+first and there is no extra forward.  Every policy draws a ratio r ~ U(mask_ratio) (once per batch
+for AttMask, per image for block/random: ``ratio_per``) and masks each image with probability
+``mask_prob`` (0.5).
 
 Only the masked tokens enter the patch loss (~15% of them at the defaults), so the student's patch
 head runs on those alone (``patch_head``): the same loss and gradients for ~1/6 of the head's
@@ -27,8 +28,9 @@ from typing import Tuple
 import torch
 
 from .base import SelfDistillation, StepState
-from .dino import build_student_masks, make_policy
-from .losses import IBOTLoss, gather_rows, masked_token_ids, teacher_temperature
+from .dino import build_student_masks, check_attmask_options, make_policy
+from .losses import IBOTLoss, gather_rows, masked_token_ids
+from .schedules import teacher_temp_at
 
 __all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES", "PATCH_HEADS"]
 
@@ -63,6 +65,7 @@ class IBOTConfig:
     # student patch head on: masked = the masked tokens only (one device sync for their count);
     # all = every token (the official code); auto = masked unless the head has BatchNorm
     patch_head: str = "auto"
+    fuse_last_layer: bool = False  # the loss applies the head's last layer slice by slice (masked patch head only)
     # masking of the student's global views
     mask: str = "block"  # block | random | attmask_high | attmask_low | attmask_hint
     mask_ratio: Tuple[float, float] = (0.1, 0.5)  # per-sample ratio ~ U(a, b) (iBOT: 0.3 +- 0.2)
@@ -71,7 +74,16 @@ class IBOTConfig:
     block_min_patches: int = 16  # block-wise masking: smallest block
     block_aspect: Tuple[float, float] = (0.3, 1 / 0.3)
     show_max: float = 0.1  # AttMask-Hint
-    show_ratio: Tuple[float, float] = (0.01, 0.05)
+    show_ratio: Tuple[float, float] = (0.01, 0.05)  # AttMask-Hint with hint_count=independent
+    # "auto": AttMask policies draw one ratio per batch (main_attmask.py), block/random one per image
+    # and view (iBOT's ImageFolderMask); "batch" / "sample" force one.
+    ratio_per: str = "auto"
+    hint_count: str = "tied"  # AttMask-Hint: int(show_max * ratio * N) revealed (attmask.py) | independent
+    # "linspace": final temperatures at epoch warmup - 1 (iBOTLoss); "linear": fastmask's earlier ramp
+    teacher_temp_warmup: str = "linspace"
+    # iBOTLoss: the patch temperature stays at its warm-up value until pred_start_epoch
+    # (mask_start_epoch here) and warms up from there; False: from epoch 0 like the CLS temperature.
+    patch_temp_from_mask_start: bool = True
 
     def __post_init__(self):
         if self.mask not in MASK_POLICIES:
@@ -91,9 +103,17 @@ class IBOTConfig:
             raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
         if self.patch_head not in PATCH_HEADS:
             raise ValueError(f"patch_head must be one of {PATCH_HEADS}, got {self.patch_head!r}")
+        if self.fuse_last_layer and (self.patch_head == "all" or self.head_use_bn):
+            raise ValueError("fuse_last_layer needs the masked patch head (patch_head auto/masked, no head BatchNorm)")
         if self.patch_head == "masked" and self.head_use_bn:
             raise ValueError("patch_head=masked with head_use_bn: BatchNorm's statistics over the masked tokens "
                              "differ from those over all tokens; use patch_head=auto or all")
+        check_attmask_options(self.ratio_per, self.hint_count, self.teacher_temp_warmup)
+
+    def policy_ratio_per(self) -> str:
+        if self.ratio_per != "auto":
+            return self.ratio_per
+        return "batch" if self.mask.startswith("attmask") else "sample"
 
 
 class IBOT(SelfDistillation):
@@ -114,18 +134,20 @@ class IBOT(SelfDistillation):
                                 center_momentum_patch=m.center_momentum_patch,
                                 lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, fused=m.fused_loss)
         self.masked_patch_head = m.patch_head == "masked" or (m.patch_head == "auto" and not m.head_use_bn)
-        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob)
+        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob, ratio_per=m.policy_ratio_per())
         if m.mask == "block":
             kw.update(min_num_patches=m.block_min_patches, aspect_ratio=tuple(m.block_aspect))
         elif m.mask == "attmask_hint":
-            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio))
+            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio), hint_count=m.hint_count)
         self.policy = make_policy(m.mask, **kw)
 
     def temperatures(self, state: StepState):
         m = self.mcfg
-        return (teacher_temperature(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs),
-                teacher_temperature(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
-                                    m.warmup_teacher_temp_epochs))
+        start = m.mask_start_epoch if m.patch_temp_from_mask_start else 0
+        return (teacher_temp_at(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs,
+                                rule=m.teacher_temp_warmup),
+                teacher_temp_at(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
+                                m.warmup_teacher_temp_epochs, rule=m.teacher_temp_warmup, start_epoch=start))
 
     def training_step(self, batch, state: StepState):
         crops, _ = batch
@@ -144,18 +166,28 @@ class IBOT(SelfDistillation):
             # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
             masks = [torch.zeros(g.shape[0], math.prod(backbone.grid_for(tuple(g.shape[-2:]))),
                                  dtype=torch.bool, device=g.device) for g in globals_]
-        s_glob = self.student(globals_, masks=masks, return_patch=True, head_on_patch=not self.masked_patch_head)
+        fuse = m.fuse_last_layer
+        s_glob = self.student(globals_, masks=masks, return_patch=True, head_on_patch=not self.masked_patch_head,
+                              head_on_cls=not fuse)
         s_cls = s_glob.cls
         if locals_:
             # Local views: clean, CLS only (no patch loss on them, as in iBOT).
-            s_cls = torch.cat([s_cls, self.student(locals_).cls])
+            s_cls = torch.cat([s_cls, self.student(locals_, head_on_cls=not fuse).cls])
+        head = self.student.head
+        if fuse:
+            s_cls = (head.project(s_cls), head.last_layer.weight)
         temp, patch_temp = self.temperatures(state)
         all_masks = torch.cat(masks)
         s_patch, masked_ids = torch.cat(s_glob.patch), None
         if self.masked_patch_head:
             # The patch loss reads the masked tokens only: the head runs on those [M, D] alone.
             masked_ids = masked_token_ids(all_masks)
-            s_patch = self.student.head.forward_patch(gather_rows(s_patch, masked_ids))
+            s_patch = gather_rows(s_patch, masked_ids)
+            if fuse:
+                layer = head.last_layer if head.last_layer2 is None else head.last_layer2
+                s_patch = (head.project(s_patch), layer.weight)
+            else:
+                s_patch = head.forward_patch(s_patch)
         loss, parts = self.loss_fn(s_cls, s_patch, t_out.cls, torch.cat(t_out.patch),
                                    all_masks, temp, patch_temp, masked_ids=masked_ids)
         parts["mask_ratio"] = all_masks.float().mean()

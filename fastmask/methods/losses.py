@@ -73,16 +73,25 @@ def _cross_view_weights(n_global: int, n_crops: int, device) -> torch.Tensor:
     return w / w.sum().clamp_min(1.0)
 
 
-def _cross_view_ce(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+def _sdist(student, teacher, center, student_temp, teacher_temp, pair_w, row_w) -> torch.Tensor:
+    """``ops.sdist_loss`` on logits, or ``ops.sdist_loss_linear`` on ``(bottleneck z, last-layer weight)``."""
+    if isinstance(student, tuple):
+        z, weight = student
+        return ops.sdist_loss_linear(z, weight, teacher, center, student_temp, teacher_temp,
+                                     pair_weight=pair_w, row_weight=row_w)
+    return ops.sdist_loss(student, teacher, center, student_temp, teacher_temp, pair_weight=pair_w, row_weight=row_w)
+
+
+def _cross_view_ce(student, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
                    student_temp: float, teacher_temp: float, fused: bool) -> torch.Tensor:
-    """Mean over (teacher view q, student view v != q) pairs of the batch-mean cross-entropy."""
+    """Mean over (teacher view q, student view v != q) pairs of the batch-mean cross-entropy.
+    ``student``: logits, or ``(z, weight)`` of a head whose last layer the loss applies itself."""
     b = teacher.shape[0] // n_global
-    n_crops = student.shape[0] // b
-    if fused:
-        pair_w = _cross_view_weights(n_global, n_crops, student.device)
-        row_w = torch.full((b,), 1.0 / b, device=student.device)
-        return ops.sdist_loss(student, teacher, center, student_temp, teacher_temp,
-                              pair_weight=pair_w, row_weight=row_w)
+    n_crops = (student[0] if isinstance(student, tuple) else student).shape[0] // b
+    if fused or isinstance(student, tuple):
+        pair_w = _cross_view_weights(n_global, n_crops, teacher.device)
+        row_w = torch.full((b,), 1.0 / b, device=teacher.device)
+        return _sdist(student, teacher, center, student_temp, teacher_temp, pair_w, row_w)
     s_logp = F.log_softmax(student.float() / student_temp, dim=-1).chunk(n_crops)
     t_prob = F.softmax((teacher.float() - center) / teacher_temp, dim=-1).detach().chunk(n_global)
     total, n_terms = 0.0, 0
@@ -99,7 +108,8 @@ class DINOLoss(nn.Module):
     """DINO loss over all (teacher global view, other student view) pairs.
 
     ``student_out`` is ``[n_crops * B, K]`` (global crops first, crop-major as the multi-crop
-    wrapper emits them); ``teacher_out`` is ``[n_global * B, K]``.
+    wrapper emits them), or ``(z [n_crops * B, bottleneck], weight [K, bottleneck])`` to fuse the
+    head's last layer into the loss (``ops.sdist_loss_linear``); ``teacher_out`` is ``[n_global * B, K]``.
     """
 
     def __init__(self, out_dim: int, n_global: int = 2, student_temp: float = 0.1,
@@ -130,7 +140,9 @@ class IBOTLoss(nn.Module):
     ``student_cls`` ``[n_crops*B, K]``, ``teacher_cls`` ``[n_global*B, K]``; ``teacher_patch``
     ``[n_global*B, N, K]``; ``masks`` ``[n_global*B, N]`` bool (True = hidden in the student).
     ``student_patch`` is ``[n_global*B, N, K]``, or with ``masked_ids`` (``masked_token_ids(masks)``)
-    only the rows of the hidden tokens, ``[M, K]`` in that order.  The patch term of a view is the
+    only the rows of the hidden tokens, ``[M, K]`` in that order; with ``masked_ids`` both
+    ``student_cls`` and ``student_patch`` may also be ``(z, weight)`` (the head's bottleneck and last
+    layer: the loss applies the layer itself, ``ops.sdist_loss_linear``).  The patch term of a view is the
     mean over each sample's masked positions, averaged over all the view's samples (those without
     any count 0), then over views: iBOT's normalisation.
     """
@@ -154,20 +166,26 @@ class IBOTLoss(nn.Module):
         """The MIM term (before ``lambda_patch``): see the class docstring for the shapes."""
         rows, n = masks.shape
         b = rows // self.n_global
+        fused_linear = isinstance(student_patch, tuple)  # (z [M, bottleneck], last-layer weight)
+        if fused_linear and masked_ids is None:
+            raise ValueError("student_patch as (z, weight) needs masked_ids (z holds the masked rows only)")
+        rows_given = student_patch[0] if fused_linear else student_patch
         if masked_ids is None:
             masked_ids = masked_token_ids(masks)
             student_patch = gather_rows(student_patch, masked_ids)
-        elif student_patch.dim() != 2 or student_patch.shape[0] != masked_ids.shape[-1]:
+        elif rows_given.dim() != 2 or rows_given.shape[0] != masked_ids.shape[-1]:
             raise ValueError(f"with masked_ids [1, M={masked_ids.shape[-1]}], student_patch must be [M, K], "
-                             f"got {tuple(student_patch.shape)}")
+                             f"got {tuple(rows_given.shape)}")
         teacher_rows = gather_rows(teacher_patch.detach(), masked_ids)
         # Per masked token: 1 / (its sample's masked count * samples per view * views).
         per_sample = 1.0 / (masks.sum(dim=1).clamp_min(1).float() * (b * self.n_global))
         row_w = per_sample[masked_ids[0] // n]
         center = self.center_patch.reshape(1, -1)
-        if self.fused and student_patch.shape[0]:  # (nothing masked: the plain sum below is 0)
-            return ops.sdist_loss(student_patch, teacher_rows, center, self.student_temp, teacher_patch_temp,
-                                  pair_weight=torch.ones(1, 1, device=row_w.device), row_weight=row_w)
+        if masked_ids.shape[-1] == 0:
+            return rows_given.sum() * 0.0  # nothing masked anywhere: 0, still on the graph
+        if self.fused or fused_linear:
+            return _sdist(student_patch, teacher_rows, center, self.student_temp, teacher_patch_temp,
+                          torch.ones(1, 1, device=row_w.device), row_w)
         s_logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
         t_prob = F.softmax((teacher_rows.float() - center) / teacher_patch_temp, dim=-1)
         return (torch.sum(-t_prob * s_logp, dim=-1) * row_w).sum()

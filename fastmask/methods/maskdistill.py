@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .base import Method, StepState
+from ..config import TeacherConfig
+from .base import Method, StepState, build_teacher
 
 __all__ = ["METHOD", "MaskDistill", "MaskDistillConfig", "LOSSES", "DECODERS", "distill_loss", "whiten"]
 
@@ -52,16 +52,8 @@ _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 class MaskDistillConfig:
     """MaskDistill options; defaults follow the paper's ViT-B/16 <- CLIP-B/16 setting."""
 
-    # teacher
-    teacher_arch: str = "vit_base"  # fastmask.models.create_vit name (CLIP-B/16 converted to timm layout)
-    teacher_checkpoint: Optional[str] = None  # local file; None = random init (tests / throughput only)
-    teacher_checkpoint_key: Optional[str] = None  # entry of the checkpoint dict holding the weights
-    teacher_patch_size: int = 0  # 0: the student's
-    teacher_depth: int = 0  # overrides of the teacher size (0 = the arch's own), for tiny recipes
-    teacher_embed_dim: int = 0
-    teacher_num_heads: int = 0
-    teacher_pre_norm: bool = False  # CLIP ViTs have a LayerNorm before the blocks (ln_pre)
-    teacher_act_layer: str = ""  # "" = the arch's GELU; OpenAI CLIP weights need "quick_gelu"
+    # teacher: the frozen model (CLIP-B/16 converted to timm layout), then how it is used
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     teacher_layer: int = -1  # block whose output is distilled (negative: from the end)
     teacher_input_norm: str = "same"  # "clip": re-normalise the ImageNet-normalised input with CLIP's mean/std
     # student
@@ -94,8 +86,7 @@ def check_maskdistill_config(cfg: MaskDistillConfig) -> None:
         raise ValueError(f"method.mask_ratio must lie in (0, 1), got {cfg.mask_ratio}")
     if isinstance(cfg.mask_min_patches, bool) or not isinstance(cfg.mask_min_patches, int) or cfg.mask_min_patches < 1:
         raise ValueError(f"method.mask_min_patches must be an int >= 1, got {cfg.mask_min_patches!r}")
-    for k in ("teacher_depth", "teacher_embed_dim", "teacher_num_heads", "teacher_patch_size",
-              "decoder_embed_dim", "decoder_num_heads"):
+    for k in ("decoder_embed_dim", "decoder_num_heads"):
         if getattr(cfg, k) < 0:
             raise ValueError(f"method.{k} must be >= 0 (0 = default), got {getattr(cfg, k)}")
     if cfg.decoder_depth < 1:
@@ -158,7 +149,6 @@ class MaskDistill(Method):
         from ..models import LinearDecoder, TransformerDecoder, create_vit, load_checkpoint
 
         mcfg: MaskDistillConfig = self.mcfg
-        check_maskdistill_config(mcfg)
         m = cfg.model
         if student is None:
             sizes = {k: getattr(m, k) for k in ("depth", "embed_dim", "num_heads") if getattr(m, k, 0)}
@@ -171,21 +161,8 @@ class MaskDistill(Method):
         self.student = student
         grid = tuple(student.grid_size)
 
-        if teacher is None:
-            t_patch = mcfg.teacher_patch_size or m.patch_size
-            sizes = {k: getattr(mcfg, f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads")
-                     if getattr(mcfg, f"teacher_{k}")}
-            if mcfg.teacher_pre_norm:
-                sizes["pre_norm"] = True
-            if mcfg.teacher_act_layer:
-                sizes["act_layer"] = mcfg.teacher_act_layer
-            teacher = create_vit(mcfg.teacher_arch, patch_size=t_patch, img_size=grid[0] * t_patch,
-                                 num_classes=0, **sizes)
-            if mcfg.teacher_checkpoint:
-                load_checkpoint(teacher, os.path.expanduser(mcfg.teacher_checkpoint), key=mcfg.teacher_checkpoint_key)
-            else:
-                warnings.warn("MaskDistill without method.teacher_checkpoint: the teacher is randomly initialised, "
-                              "which only makes sense for tests and throughput runs", stacklevel=2)
+        if teacher is None:  # a teacher with another patch size sees the image resized to the student's grid
+            teacher = build_teacher(mcfg.teacher, m.patch_size, grid, method="MaskDistill")
         depth = len(teacher.blocks)
         layer = mcfg.teacher_layer + depth if mcfg.teacher_layer < 0 else mcfg.teacher_layer
         if not 0 <= layer < depth:
@@ -223,13 +200,6 @@ class MaskDistill(Method):
         self.register_buffer("teacher_in_shift", shift.view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ protocol
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        mcfg = cfg.method
-        check_maskdistill_config(mcfg)
-        if mcfg.teacher_checkpoint and not os.path.isfile(os.path.expanduser(mcfg.teacher_checkpoint)):
-            raise ValueError(f"method.teacher_checkpoint: file not found: {mcfg.teacher_checkpoint!r}")
-
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # frozen: dropout / drop-path never run in the teacher

@@ -22,16 +22,15 @@ teacher's layers really receive) and logged against a full-input teacher as
 """
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..config import TeacherConfig
 from ..flops import FlopMeter, count_flops
-from .base import Method, StepState
+from .base import Method, StepState, build_teacher
 from .supervised import (
     SupervisedConfig,
     TargetMixer,
@@ -39,6 +38,7 @@ from .supervised import (
     build_classifier,
     check_supervised_config,
     classification_loss,
+    classifier_accuracy,
     hard_distillation_loss,
     soft_distillation_loss,
     top1_accuracy,
@@ -47,6 +47,7 @@ from .supervised import (
 __all__ = ["METHOD", "MaskedKD", "MaskedKDConfig", "DISTILLATION_KINDS", "resolve_keep", "select_teacher_tokens"]
 
 DISTILLATION_KINDS = ("soft", "hard", "none")
+TEACHER_SELECTIONS = ("attention", "random")
 FLOP_COUNTERS = ("hooks", "dispatch")
 
 
@@ -54,16 +55,15 @@ FLOP_COUNTERS = ("hooks", "dispatch")
 class MaskedKDConfig(SupervisedConfig):
     """MaskedKD options; defaults are the paper's DeiT-S <- DeiT-B setting (DeiT recipe, soft KD)."""
 
-    teacher_arch: str = "vit_base"
-    teacher_checkpoint: Optional[str] = None  # local timm/DeiT checkpoint; None = random init (tests only)
-    teacher_patch_size: int = 0  # 0: the student's patch size (the two grids must match)
-    # Overrides of the teacher architecture's size (0 = the arch's own), for tiny CPU recipes.
-    teacher_depth: int = 0
-    teacher_embed_dim: int = 0
-    teacher_num_heads: int = 0
+    # The frozen teacher (a local timm/DeiT checkpoint; without one it is random: tests only). Its
+    # patch size must be the student's: the student's CLS map picks the teacher's tokens.
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # Kept patches: a count (>= 1, e.g. 98 of 196) or a fraction of N in (0, 1).  >= N: plain KD.
     teacher_keep: float = 98.0
     student_attn_layer: int = -1  # block whose CLS map ranks the patches (the paper: the last)
+    # Which patches the teacher keeps: "attention" (the student's most attended: MaskedKD) or
+    # "random" (a uniform random subset of the same size: the paper's random-masking control).
+    teacher_select: str = "attention"
     distillation: str = "soft"
     alpha: float = 0.5
     tau: float = 1.0
@@ -77,6 +77,8 @@ def check_maskedkd_config(cfg: MaskedKDConfig) -> None:
     check_supervised_config(cfg)
     if cfg.distillation not in DISTILLATION_KINDS:
         raise ValueError(f"method.distillation must be one of {DISTILLATION_KINDS}, got {cfg.distillation!r}")
+    if cfg.teacher_select not in TEACHER_SELECTIONS:
+        raise ValueError(f"method.teacher_select must be one of {TEACHER_SELECTIONS}, got {cfg.teacher_select!r}")
     if not 0.0 <= cfg.alpha <= 1.0:
         raise ValueError(f"method.alpha must lie in [0, 1], got {cfg.alpha}")
     if not cfg.tau > 0:
@@ -88,11 +90,6 @@ def check_maskedkd_config(cfg: MaskedKDConfig) -> None:
         )
     if cfg.flop_counter not in FLOP_COUNTERS:
         raise ValueError(f"method.flop_counter must be one of {FLOP_COUNTERS}, got {cfg.flop_counter!r}")
-    for k in ("teacher_depth", "teacher_embed_dim", "teacher_num_heads"):
-        if getattr(cfg, k) < 0:
-            raise ValueError(f"method.{k} must be >= 0 (0 = the architecture's own), got {getattr(cfg, k)}")
-    if cfg.teacher_patch_size < 0:
-        raise ValueError(f"method.teacher_patch_size must be >= 0 (0 = the student's), got {cfg.teacher_patch_size}")
 
 
 def resolve_keep(teacher_keep: float, num_patches: int) -> int:
@@ -126,23 +123,10 @@ class MaskedKD(Method):
                  teacher: Optional[nn.Module] = None):
         super().__init__(cfg, num_classes)
         mcfg: MaskedKDConfig = self.mcfg
-        check_maskedkd_config(mcfg)
         self.student = student if student is not None else build_classifier(cfg, num_classes)
-        if teacher is None:
-            patch = mcfg.teacher_patch_size or cfg.model.patch_size
-            from ..models import create_vit, load_checkpoint
-
-            sizes = {k: getattr(mcfg, f"teacher_{k}") for k in ("depth", "embed_dim", "num_heads")
-                     if getattr(mcfg, f"teacher_{k}")}
-            teacher = create_vit(mcfg.teacher_arch, patch_size=patch, img_size=cfg.model.img_size,
-                                 num_classes=num_classes, **sizes)
-            if mcfg.teacher_checkpoint:
-                load_checkpoint(teacher, os.path.expanduser(mcfg.teacher_checkpoint))
-            else:
-                warnings.warn(
-                    "MaskedKD without method.teacher_checkpoint: the teacher is randomly initialised, which only "
-                    "makes sense for tests and throughput runs", stacklevel=2,
-                )
+        if teacher is None:  # it sees the student's images as they are
+            teacher = build_teacher(mcfg.teacher, cfg.model.patch_size, self.student.grid_size,
+                                    num_classes=num_classes, img_size=cfg.model.img_size, method="MaskedKD")
         if tuple(teacher.grid_size) != tuple(self.student.grid_size):
             raise ValueError(
                 f"the teacher's patch grid {tuple(teacher.grid_size)} differs from the student's "
@@ -156,16 +140,14 @@ class MaskedKD(Method):
         self.keep = resolve_keep(mcfg.teacher_keep, self.student.num_patches)
         self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
         self._full_flops_per_sample: Dict[tuple, int] = {}
+        self._teacher_accuracy: Optional[Dict[str, float]] = None  # frozen teacher: measured once
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        mcfg = cfg.method
-        check_maskedkd_config(mcfg)
-        if mcfg.teacher_checkpoint and not os.path.isfile(os.path.expanduser(mcfg.teacher_checkpoint)):
-            raise ValueError(f"method.teacher_checkpoint: file not found: {mcfg.teacher_checkpoint!r}")
-        patch = mcfg.teacher_patch_size or cfg.model.patch_size
-        if cfg.model.img_size % patch:
-            raise ValueError(f"model.img_size={cfg.model.img_size} is not divisible by the teacher's patch size {patch}")
+        patch = cfg.method.teacher.patch_size or cfg.model.patch_size
+        if patch != cfg.model.patch_size:
+            raise ValueError(f"method.teacher.patch_size={patch} differs from model.patch_size={cfg.model.patch_size}: "
+                             "the student's CLS map picks the teacher's tokens, the two grids must match")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -215,13 +197,20 @@ class MaskedKD(Method):
         N = self.student.num_patches
         with autocast_for(state.device, state.amp_dtype):
             masked_teacher = self.keep < N and mcfg.distillation != "none"
-            if masked_teacher:
+            by_attention = masked_teacher and mcfg.teacher_select == "attention"
+            if by_attention:
                 logits, cls_attn = self.student(images, return_cls_attn=True, attn_layer=mcfg.student_attn_layer)
             else:
                 logits, cls_attn = self.student(images), None
             ids_keep = None
-            if masked_teacher:
+            if by_attention:
                 ids_keep = select_teacher_tokens(cls_attn, self.keep)
+            elif masked_teacher:
+                from .masksub import random_keep_ids
+
+                # int(N * (1 - ratio)) == keep exactly (half a token of slack against rounding).
+                ids_keep = random_keep_ids(images.shape[0], N, (N - self.keep - 0.5) / N,
+                                           generator=state.generator, device=images.device)
             if mcfg.distillation != "none":
                 t_logits, t_flops = self.teacher_logits(images, ids_keep)
             else:
@@ -245,6 +234,17 @@ class MaskedKD(Method):
             "teacher_flops_ratio": (t_flops / full) if full else 0.0,
         }
         return loss, metrics
+
+
+    def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
+        """The student's val top-1/top-5, and the frozen teacher's (``teacher_val_*``), measured on the
+        first call only: it cannot change, and the KD effect needs a teacher clearly stronger."""
+        out = classifier_accuracy(self.student, loader, device, amp_dtype)
+        if self._teacher_accuracy is None:
+            self._teacher_accuracy = classifier_accuracy(self.teacher, loader, device, amp_dtype,
+                                                         prefix="teacher_val_")
+            self.teacher.eval()
+        return {**out, **self._teacher_accuracy}
 
 
 METHOD = MaskedKD

@@ -41,6 +41,7 @@ from .supervised import (
     build_classifier,
     check_supervised_config,
     classification_loss,
+    classifier_accuracy,
     self_distillation_loss,
     top1_accuracy,
 )
@@ -56,8 +57,10 @@ class MaskSubConfig(SupervisedConfig):
 
     variant: str = "masksub"
     mask_ratio: float = 0.5  # masksub / masktoken: fraction of patch tokens hidden from the sub-branch
-    sub_drop_rate: float = 0.2  # dropsub: dropout in the sub-branch's blocks
-    sub_drop_path_rate: float = 0.2  # pathsub: drop-path in every block of the sub-branch
+    # The official code has one sub-branch ratio for every variant (naver-ai/augsub deit/main.py
+    # --augsub-ratio, default 0.5: masking ratio, dropout rate or drop-path rate alike).
+    sub_drop_rate: float = 0.5  # dropsub: dropout in the sub-branch's blocks
+    sub_drop_path_rate: float = 0.5  # pathsub: drop-path in every block of the sub-branch
     main_weight: float = 0.5
     sub_weight: float = 0.5
     sequential_backward: bool = True  # main backward before the sub forward (peak memory of one branch)
@@ -163,17 +166,12 @@ class MaskSub(Method):
     def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None):
         super().__init__(cfg, num_classes)
         mcfg: MaskSubConfig = self.mcfg
-        check_masksub_config(mcfg)
         if student is None:
             student = build_classifier(cfg, num_classes, layer_scale_init=mcfg.layer_scale_init)
         self.student = student
         self.mixer = TargetMixer(mcfg, num_classes)
         if mcfg.variant == "masktoken" and getattr(self.student, "mask_token", None) is None:
             raise ValueError("variant 'masktoken' needs a model with a mask_token")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_masksub_config(cfg.method)
 
     @property
     def num_patches(self) -> int:
@@ -212,6 +210,13 @@ class MaskSub(Method):
             loss_main = loss_main.detach()
             del logits_main
 
+        if mcfg.sub_weight == 0:
+            # Plain supervised training (the paired baseline of MaskSub): no sub-branch to run.
+            if not mcfg.sequential_backward:
+                state.backward(mcfg.main_weight * loss_main)
+            metrics = {"loss_main": loss_main.detach(), "acc_main": top1_accuracy(main_out, targets)}
+            return (mcfg.main_weight * loss_main).detach(), metrics
+
         with autocast_for(state.device, state.amp_dtype):
             logits_sub, sub_tokens = self.sub_forward(images, state.generator)
         loss_sub = self_distillation_loss(logits_sub, main_out, mcfg.loss)
@@ -228,6 +233,10 @@ class MaskSub(Method):
             "acc_main": top1_accuracy(main_out, targets),
         }
         return total.detach(), metrics
+
+
+    def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
+        return classifier_accuracy(self.student, loader, device, amp_dtype)
 
 
 METHOD = MaskSub

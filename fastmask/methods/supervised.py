@@ -36,6 +36,7 @@ __all__ = [
     "autocast_for",
     "build_classifier",
     "check_supervised_config",
+    "classifier_accuracy",
     "classification_loss",
     "hard_distillation_loss",
     "self_distillation_loss",
@@ -60,6 +61,9 @@ class SupervisedConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"  # "batch", "pair" or "elem" (timm.data.Mixup's modes)
+
+    def __post_init__(self):
+        check_supervised_config(self)
 
 
 def check_supervised_config(cfg: SupervisedConfig) -> None:
@@ -89,7 +93,6 @@ class TargetMixer:
     """
 
     def __init__(self, cfg: SupervisedConfig, num_classes: int):
-        check_supervised_config(cfg)
         self.num_classes = int(num_classes)
         self.smoothing = float(cfg.label_smoothing)
         self.binarize = cfg.loss == "bce" and cfg.bce_binarize_targets
@@ -214,3 +217,37 @@ def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Top-1 agreement (percent, a 0-dim tensor: no device sync) of ``logits`` with the arg-max of
     (possibly mixed) ``targets``."""
     return (logits.argmax(-1) == targets.argmax(-1)).float().mean() * 100.0
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, loader, device: torch.device,
+                        amp_dtype: Optional[torch.dtype] = None, prefix: str = "val_") -> dict:
+    """``{prefix + "top1", prefix + "top5"}`` (percent; top-5 only with >= 5 classes) of ``model``'s
+    logits on every batch of ``loader`` (``(images, labels)`` or a dict with ``images``/``labels``),
+    in eval mode (restored afterwards).  The counts are summed on the device and read once."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = None
+    n, num_classes = 0, 0
+    try:
+        for batch in loader:
+            images, labels = (batch["images"], batch["labels"]) if isinstance(batch, dict) else batch[:2]
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device).long()
+            with autocast_for(device, amp_dtype):
+                logits = model(images)
+            num_classes = logits.shape[-1]
+            top = logits.float().topk(min(5, num_classes), dim=-1).indices
+            hit = top == labels[:, None]
+            c1, c5 = hit[:, 0].sum(), hit.any(dim=-1).sum()
+            correct1 = c1 if correct1 is None else correct1 + c1
+            correct5 = c5 if correct5 is None else correct5 + c5
+            n += images.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("classifier_accuracy: the loader yielded no images")
+    out = {f"{prefix}top1": 100.0 * correct1.item() / n}
+    if num_classes >= 5:
+        out[f"{prefix}top5"] = 100.0 * correct5.item() / n
+    return out

@@ -306,7 +306,8 @@ class MultiCropWrapper(nn.Module):
     if it has one (``IBOTHead``) or its ``forward``; with ``return_patch`` the patch tokens go through
     ``head.forward_patch`` (or its ``forward``), one crop group at a time; ``head_on_patch=False``
     returns the patch tokens instead, for a caller that runs the head on the few it needs (iBOT's
-    masked tokens).
+    masked tokens); ``head_on_cls=False`` leaves ``cls`` = the CLS features (for a loss fused with the
+    head's last layer).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -364,6 +365,7 @@ class MultiCropWrapper(nn.Module):
         ids_keep: OptionalPerCrop = None,
         return_patch: bool = False,
         head_on_patch: bool = True,
+        head_on_cls: bool = True,
         return_cls_attn: bool = False,
         attn_layer: int = -1,
     ) -> MultiCropOutput:
@@ -402,7 +404,7 @@ class MultiCropWrapper(nn.Module):
             start = end
         features = torch.cat(features)
         return MultiCropOutput(
-            cls=self._head_cls(features),
+            cls=self._head_cls(features) if head_on_cls else features,
             features=features,
             patch=patch_out if return_patch else None,
             cls_attn=cls_maps if return_cls_attn else None,

@@ -475,6 +475,7 @@ def create_vit(
     distilled: bool = False,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_key: Optional[str] = None,
+    drop_path_schedule: str = "linear",
     **kwargs: Any,
 ) -> MaskedViT:
     """A ``MaskedViT`` by name, randomly initialised or loaded from a local ``checkpoint`` (nothing is
@@ -494,6 +495,8 @@ def create_vit(
     checkpoint: a local file for ``load_checkpoint`` (timm ``.pth``/``.safetensors``, DeiT/MAE,
         DINO/iBOT, a driver ``checkpoint.pt``), loaded strictly; ``checkpoint_key`` picks its entry
         (``teacher``, ``student``, ...).
+    drop_path_schedule: ``linear`` (timm: 0 in the first block rising to ``drop_path_rate`` in the last)
+        or ``constant`` (``drop_path_rate`` in every block, DeiT-III's models_v2.py ``vit_models``).
     kwargs: any other timm ``VisionTransformer`` argument (``embed_dim``, ``depth``, ``num_heads``,
         ``reg_tokens``, ``qk_norm``, ``init_values``, ``global_pool``, ...) overriding the name's.
     """
@@ -508,6 +511,8 @@ def create_vit(
     for arg, value in (("patch_size", patch_size), ("img_size", img_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if drop_path_schedule not in ("linear", "constant"):
+        raise ValueError(f"drop_path_schedule must be 'linear' or 'constant', got {drop_path_schedule!r}")
     match = _NAME_RE.match(name)
     if match is not None:
         base, name_patch, name_img = match.groups()
@@ -528,6 +533,12 @@ def create_vit(
             raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
         model = _create_timm_vit(name, distilled=distilled, num_classes=num_classes,
                                  drop_path_rate=drop_path_rate, **geometry, **kwargs)
+    if drop_path_schedule == "constant" and drop_path_rate > 0:
+        from timm.layers import DropPath
+
+        for block in model.blocks:
+            block.drop_path1 = DropPath(drop_path_rate)
+            block.drop_path2 = DropPath(drop_path_rate)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, key=checkpoint_key)
     return model
