@@ -93,7 +93,10 @@ class TeacherConfig:
     Its patch grid is the student's: the teacher runs at ``student grid * patch_size`` pixels."""
 
     arch: str = "vit_base"  # fastmask.models.create_vit name
-    checkpoint: Optional[str] = None  # local timm-layout file; None = random init (tests / throughput only)
+    # local timm-layout file; None = random init (tests / throughput only); "auto": a teacher trained once
+    # on the run's data by the driver and cached under data.cache_dir (fastmask.engine.auto_teacher)
+    checkpoint: Optional[str] = None
+    auto_epochs: int = 10  # epochs of that teacher's supervised run (checkpoint: auto)
     checkpoint_key: Optional[str] = None  # entry of the checkpoint dict holding the weights
     patch_size: int = 0  # 0: the student's
     # Overrides of the architecture's size (0 = the arch's own), for tiny recipes.
@@ -107,8 +110,11 @@ class TeacherConfig:
         for k in ("patch_size", "depth", "embed_dim", "num_heads"):
             if getattr(self, k) < 0:
                 raise ValueError(f"method.teacher.{k} must be >= 0 (0 = default), got {getattr(self, k)}")
-        if self.checkpoint and not os.path.isfile(os.path.expanduser(self.checkpoint)):
-            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r}")
+        if self.checkpoint and self.checkpoint != "auto" and not os.path.isfile(os.path.expanduser(self.checkpoint)):
+            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r} "
+                             "(or 'auto': train one once on the run's data and cache it)")
+        if self.auto_epochs < 1:
+            raise ValueError(f"method.teacher.auto_epochs must be >= 1, got {self.auto_epochs}")
 
 
 @dataclass

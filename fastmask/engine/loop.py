@@ -33,6 +33,7 @@ from ..methods import get_method
 from ..methods.base import Method, StepState
 from . import checkpoint as ckpt_io
 from . import distributed as D
+from .auto_teacher import resolve_auto_teacher
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
@@ -187,6 +188,7 @@ class Trainer:
         # Every user mistake fails here, in one line, before anything is written (engine.preflight).
         checked = preflight(cfg, self.world, self.dist.local_rank)
         D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
+        resolve_auto_teacher(cfg, self.world, self.rank)  # method.teacher.checkpoint=auto: cached, else trained once
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)
         self.method_cls = get_method(cfg.method_name)

@@ -210,7 +210,10 @@ def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 
         kwargs["act_layer"] = tcfg.act_layer
     teacher = create_vit(tcfg.arch, patch_size=patch, img_size=img_size or student_grid[0] * patch,
                          num_classes=num_classes, **kwargs)
-    if tcfg.checkpoint:
+    if tcfg.checkpoint == "auto":  # resolved by the training driver (engine.auto_teacher); not here
+        warnings.warn(f"{method}: method.teacher.checkpoint=auto is resolved by python -m fastmask.train; built "
+                      "outside it the teacher is randomly initialised", stacklevel=3)
+    elif tcfg.checkpoint:
         load_checkpoint(teacher, os.path.expanduser(tcfg.checkpoint), key=tcfg.checkpoint_key)
     else:
         warnings.warn(f"{method} without method.teacher.checkpoint: the teacher is randomly initialised, which "
