@@ -511,7 +511,7 @@ def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_to
         if not return_cls_attn:
             cls_attn = q.new_empty(B, 0, dtype=torch.float32)
         else:
-            cls_attn = cls_row(q, k, scale, num_prefix_tokens, "triton" if cls_kernel else "torch")
+            cls_attn = cls_row(q.detach(), k.detach(), scale, num_prefix_tokens, "triton" if cls_kernel else "torch")
     return out, cls_attn, q.new_empty(0, dtype=torch.float32)
 
 
