@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._cli import UsageError, one_line, run
+
 __all__ = ["cls_attention_per_head", "keep_top_mass", "attention_and_masks", "render", "main"]
 
 MODES = ("high", "low", "hint")
@@ -240,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .analysis.loading import load_backbone
 
@@ -259,8 +261,7 @@ def main(argv=None) -> int:
                                    show_max=args.show_max, show_ratio=args.show_ratio, threshold=args.threshold,
                                    seed=args.seed)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"fastmask.attention_maps: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     grid = tuple(model.grid_for(tuple(images.shape[-2:])))
     layer = args.layer % len(model.blocks)
     files = []
@@ -279,6 +280,11 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "attention_maps.json"), "w") as f:
         json.dump(index, f, indent=2)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line; a user mistake is one line ``fastmask.attention_maps: ...`` and exit status 2."""
+    return run("fastmask.attention_maps", _main, argv)
 
 
 if __name__ == "__main__":

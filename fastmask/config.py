@@ -186,6 +186,7 @@ class TrainConfig:
     attn_images: int = 4  # validation images in the attention-map grid (0 disables)
     save_every: int = 1  # epochs between checkpoints
     resume: str = ""  # "" (fresh run), "auto" (output_dir/checkpoint.pt if present) or a path
+    overwrite: bool = False  # a fresh run into a directory holding another run replaces it (else: refused)
     progress_bar: bool = True
     tensorboard: bool = True
     deterministic: bool = False
@@ -216,7 +217,11 @@ def check_train_config(cfg: TrainConfig) -> None:
     if cfg.max_steps < 0:
         bad("max_steps", f"must be >= 0, got {cfg.max_steps}")
     if cfg.optim.warmup_epochs > cfg.epochs:
-        bad("optim.warmup_epochs", f"must be in [0, epochs={cfg.epochs}], got {cfg.optim.warmup_epochs}")
+        # A short run of a longer recipe (epochs=1, the natural smoke test): warm up for half of it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[fastmask] notice: optim.warmup_epochs={cfg.optim.warmup_epochs:g} does not fit epochs={cfg.epochs}; "
+                  f"warm-up shortened to {cfg.epochs / 2:g} epochs", flush=True)
+        cfg.optim.warmup_epochs = cfg.epochs / 2
     if cfg.amp.lower() not in ("auto", "bf16", "fp16", "off", "on"):
         bad("amp", f"must be one of auto, bf16, fp16, off; got {cfg.amp!r}")
     dev = cfg.device.lower()

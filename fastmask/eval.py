@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cli import UsageError, one_line, run
+
 __all__ = ["FEATURES", "extract", "knn_accuracy", "linear_probe", "evaluate_backbone", "main"]
 
 FEATURES = ("cls", "cls+avgpool")
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .analysis.loading import load_backbone
 
@@ -254,8 +256,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size, num_workers=args.num_workers, loader=args.loader, device=device,
             max_train=args.max_train, linear=not args.no_linear, knn=not args.no_knn)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"fastmask.eval: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     result["checkpoint"] = {k: info.get(k) for k in ("checkpoint", "format", "which", "arch")}
     print(f"{info.get('which')} of {info.get('format')}: {args.checkpoint}")
     print(format_table(result))
@@ -265,6 +266,11 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         print(f"wrote {args.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line; a user mistake is one line ``fastmask.eval: ...`` and exit status 2."""
+    return run("fastmask.eval", _main, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ._cli import UsageError, one_line, run
 from .analysis.loading import _is_timm_name, load_backbone
 
 __all__ = ["export_timm", "load_exported", "timm_model_args", "main"]
@@ -168,14 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, info = load_backbone(args.checkpoint, args.which, arch=args.arch)
         meta = export_timm(model, args.out, name=args.name, info=info, verify=not args.no_verify)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        print(f"fastmask.export: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     margs = ", ".join(f"{k}={v!r}" for k, v in meta["model_args"].items())
     print(f"wrote {args.out} ({info.get('which')} of {info.get('format')}) as timm {meta['name']!r}")
     if "max_abs_diff" in meta:
@@ -183,6 +183,11 @@ def main(argv=None) -> int:
     print(f"load: timm.create_model({meta['name']!r}, pretrained=True, pretrained_cfg_overlay=dict(file={args.out!r}, "
           f"num_classes={meta['pretrained_cfg']['num_classes']}), {margs})")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line; a user mistake is one line ``fastmask.export: ...`` and exit status 2."""
+    return run("fastmask.export", _main, argv)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,10 @@ def value_checks(enabled: bool):
         set_value_checks(old)
 
 
-def _value_checks_on() -> bool:
-    # Value checks need host syncs and data-dependent control flow, which torch.compile cannot trace.
-    return _VALUE_CHECKS and not torch.compiler.is_compiling()
+def _value_checks_on(t: Optional[torch.Tensor] = None) -> bool:
+    # Value checks need host syncs and data-dependent control flow, which torch.compile cannot trace;
+    # meta tensors have no values to check.
+    return _VALUE_CHECKS and not torch.compiler.is_compiling() and (t is None or t.device.type != "meta")
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def _check_ids(ids, batch: int, num_tokens: int, name: str = "ids", unique: bool
         raise ValueError(f"{name} has batch {ids.shape[0]} but the tokens have batch {batch}")
     if ids.shape[1] > num_tokens:
         raise ValueError(f"{name} selects {ids.shape[1]} tokens per row but rows have only {num_tokens}")
-    if _value_checks_on() and ids.numel() > 0:
+    if _value_checks_on(ids) and ids.numel() > 0:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= num_tokens:
             raise ValueError(f"{name} must lie in [0, {num_tokens}), got values in [{lo}, {hi}]")
@@ -117,7 +118,7 @@ def _check_ratio(name: str, value, batch: int, *, closed: bool = False, device=N
             raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
         if device is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but the scores are on {device}")
-        if _value_checks_on():
+        if _value_checks_on(value):
             bad = (value < 0) | ((value > 1) if closed else (value >= 1)) | torch.isnan(value)
             if bool(bad.any()):
                 raise ValueError(f"{name} must lie in [0, {upper} for every sample")
@@ -384,7 +385,7 @@ register_cpu_sdpa_flops()  # the torch backend runs SDPA: CPU FLOP counts must s
 def _check_scores(name: str, scores) -> None:
     _check_tensor(name, scores, 2, "[B, N]")
     _check_float(name, scores)
-    if _value_checks_on() and bool(torch.isnan(scores).any()):
+    if _value_checks_on(scores) and bool(torch.isnan(scores).any()):
         raise ValueError(f"{name} contains NaN; top-k of NaN scores is undefined")
 
 
@@ -448,7 +449,7 @@ def cls_attention_mask(
         if show_ratio is None:
             raise ValueError("mode='hint' needs show_ratio (e.g. 0.05, or a [B] tensor drawn from U(0.01, 0.05))")
         _check_ratio("show_ratio", show_ratio, B, device=cls_attn.device)
-        if _value_checks_on() or not isinstance(show_ratio, torch.Tensor):
+        if not isinstance(show_ratio, torch.Tensor) or _value_checks_on(show_ratio):
             max_shown = show_ratio.max().item() if isinstance(show_ratio, torch.Tensor) else show_ratio
             if int(max_shown * N) > int(show_max * N):
                 raise ValueError(f"show_ratio ({max_shown}) reveals more tokens than the show_max={show_max} pool holds")

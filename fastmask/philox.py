@@ -109,14 +109,22 @@ def draw_seed(generator: Optional[torch.Generator] = None, seed: Optional[int] =
 SEED_HIGH = 2**31 - 1  # seeds drawn from generators lie in [0, SEED_HIGH), as ``draw_seed``'s always did
 
 
+def traced_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """``generator``, or None inside ``torch.compile``: a ``torch.Generator`` cannot enter a traced
+    graph (Dynamo breaks on it), so traced code draws from the device's default generator instead,
+    which ``torch.manual_seed`` seeds (the driver seeds it every step) and which CUDA graphs replay
+    with a fresh Philox offset each replay."""
+    return None if torch.compiler.is_compiling() else generator
+
+
 def seed_tensor(
     generator: Optional[torch.Generator] = None, seed: Optional[int] = None, device=None
 ) -> torch.Tensor:
     """The Philox seed of one op call as a one-element int64 tensor on ``device``, without a host sync.
 
     ``seed`` (an int, or already a one-element integer tensor) wins; else 31 random bits are drawn on
-    the device from ``generator`` (the device's default generator when None: ``torch.manual_seed``
-    makes runs reproducible).  A CPU draw gives the same seed ``draw_seed`` returned for the same
+    the device from ``generator`` (the device's default generator when None, and inside torch.compile:
+    see ``traced_generator``; ``torch.manual_seed`` makes runs reproducible).  A CPU draw gives the same seed ``draw_seed`` returned for the same
     generator state, so seeded CPU runs keep their masks.  Traceable by torch.compile (no ``.item()``)
     and replayed correctly by CUDA graphs (the draw is a device op whose Philox offset advances per replay).
     """
@@ -131,6 +139,7 @@ def seed_tensor(
         # A fill, not a host-to-device copy: nothing waits.  Philox keys on the low 64 bits.
         seed = seed & 0xFFFFFFFFFFFFFFFF
         return torch.full((1,), seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device)
+    generator = traced_generator(generator)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

@@ -182,11 +182,20 @@ def _short(consts):
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _fastmask_ops():
+    """torch.ops.fastmask with fastmask's operators registered: the cases call them with
+    backend "triton", the path (schema, autograd, launcher) a GPU run takes."""
+    import fastmask.library  # noqa: F401  (registers the operators)
+
+    return torch.ops.fastmask
+
+
 def token_cases():
     """Gather (with and without the fused positional embedding), scatter (mask-token fill or zeros),
     mask-token replacement, their backwards, and the Philox random keep at ViT and long rows."""
     from fastmask.kernels import token_gather as tg
 
+    op = _fastmask_ops()
     tg._gpu_launch = lambda device: True  # the GPU tile shapes, from CPU tensors
     B, N = 2, 196
     ids = torch.arange(0, N, 4).expand(B, -1).contiguous()  # K = 49
@@ -195,41 +204,40 @@ def token_cases():
             x = torch.zeros(B, N, D, dtype=dtype, requires_grad=True)
             pos = torch.zeros(1, N, D, dtype=dtype, requires_grad=True)
             fill = torch.zeros(D, dtype=dtype, requires_grad=True)
-            tg.gather_tokens(x, ids, pos).sum().backward()
-            tg.gather_tokens(x, ids).sum().backward()
+            op.gather_tokens(x, ids, pos, "triton").sum().backward()
+            op.gather_tokens(x, ids, None, "triton").sum().backward()
             kept = torch.zeros(B, ids.shape[1], D, dtype=dtype, requires_grad=True)
-            tg.scatter_tokens(kept, ids, N, fill).sum().backward()
-            tg.scatter_tokens(kept, ids, N).sum().backward()
+            op.scatter_tokens(kept, ids, N, fill, "triton").sum().backward()
+            op.scatter_tokens(kept, ids, N, None, "triton").sum().backward()
             mask = torch.zeros(B, N, dtype=torch.bool)
-            tg.apply_mask_token(x, mask, fill).sum().backward()
+            op.apply_mask_token(x, mask, fill, "triton").sum().backward()
     for n in (196, 784, 4096):
-        tg.random_keep(B, n, n // 4, seed=1, device="cpu")
+        op.random_keep(torch.ones(1, dtype=torch.int64), B, n, n // 4, "triton")
 
 
 def topk_cases():
     """Top-k selection (32- and 16-bit keys, both orders) and AttMask masks in every mode, gated or not."""
     from fastmask.kernels import topk_mask as tk
 
+    op, seed = _fastmask_ops(), torch.ones(1, dtype=torch.int64)
     B = 2
     for dtype in DTYPES:
         for n in (196, 784, 1024):
             scores = torch.zeros(B, n, dtype=dtype)
             for largest in (True, False):
-                tk.topk_tokens(scores, n // 2, largest)
+                op.topk_tokens(scores, n // 2, largest, "triton")
             # Counts from per-row ratios (float32 or float64, read in the kernel) or one count for every
             # row: every combination at one shape, one per (mode, gate) elsewhere (compiles are slow).
             ratios = (None, torch.full((B,), 0.25), torch.full((B,), 0.25, dtype=torch.float64))
             every = dtype == torch.float32 and n == 196
             for m, mode in enumerate(tk.MODES):
-                for g, gate in enumerate((tk._GATE_ALWAYS, tk._GATE_ALWAYS // 2)):
+                for g, mask_prob in enumerate((1.0, 0.5)):  # ungated, gated
                     for i in range(3) if every else ((m + g) % 3,):
                         ratio, show = ratios[i], (ratios[(i + 1) % 3] if mode == "hint" else None)
-                        tk.cls_attention_mask(scores, ratio, 1, mode=mode, gate_threshold=gate, num_candidates=n // 10,
-                                              show_ratio=show, num_masked=n // 4, num_shown=n // 32)
+                        op.cls_attention_mask(scores, ratio, 0.25, seed, mode, mask_prob, 0.1, show, 1 / 32, "triton")
             if every:  # half-precision ratios are widened to float64 in the kernel too
                 half, bf16 = torch.full((B,), 0.25, dtype=torch.float16), torch.full((B,), 0.25, dtype=torch.bfloat16)
-                tk.cls_attention_mask(scores, half, 1, mode="hint", gate_threshold=tk._GATE_ALWAYS,
-                                      num_candidates=n // 10, show_ratio=bf16)
+                op.cls_attention_mask(scores, half, 0.0, seed, "hint", 1.0, 0.1, bf16, 0.0, "triton")
 
 
 def sdist_cases():
@@ -249,8 +257,7 @@ def sdist_cases():
 def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
-    from fastmask.kernels import cls_attention as ca
-
+    op = _fastmask_ops()
     first = True
     # (dtype, TF32 allowed, head dims): fp16 shares bf16's code but for the dot's input type.
     cases = ((torch.bfloat16, False, (64, 32, 128, 80)), (torch.float16, False, (64,)),
@@ -262,8 +269,8 @@ def attention_cases(compiler: Compiler):
                 compiler._full_case = first
                 first = False
                 q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
-                out = ca.attention(q, k, v, return_cls_attn=export)
-                (out[0] if export else out).sum().backward()
+                out = op.attention(q, k, v, head_dim**-0.5, export, 1, "triton")[0]
+                out.sum().backward()
     torch.backends.cuda.matmul.allow_tf32 = False
 
 

@@ -68,7 +68,8 @@ def test_training_step_ops_do_not_sync(backend):
 def test_mask_policies_do_not_sync():
     generator = torch.Generator(device="cuda").manual_seed(1)
     attn = torch.rand(64, 196, device="cuda")
-    policies = [masking.build_mask_policy("random", ratio=(0.1, 0.5), mask_prob=0.5)] + [
+    policies = [masking.build_mask_policy("random", ratio=(0.1, 0.5), mask_prob=0.5),
+                masking.build_mask_policy("block", ratio=(0.1, 0.5), mask_prob=0.5)] + [
         masking.build_mask_policy(f"attmask_{mode}") for mode in ("high", "low", "hint")]
     with ops.value_checks(False):
         for policy in policies:

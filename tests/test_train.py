@@ -88,7 +88,7 @@ def test_recipes_load(recipe):
     (["method.student_mask=attmask_high", "method.student_mask_mode=drop"], "student_mask_mode=drop"),
     (["model.img_size=30"], "not divisible"),
     (["data.image_size=64"], "differs from model.img_size"),
-    (["optim.warmup_epochs=500"], "optim.warmup_epochs"),
+    (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
     (["resume=/no/such/checkpoint.pt"], "checkpoint not found"),
     (["amp=fp8"], "amp: must be one of"),
     (["optim.lr"], "must look like key=value"),
@@ -353,3 +353,11 @@ def test_ddp_two_processes_gloo(tiny_folder, tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert any(r.get("event") == "end" and "knn_top1" in r for r in records)
     assert "k-NN top-1" in proc.stdout
+
+
+def test_warmup_longer_than_the_run_is_shortened_with_a_notice(capsys):
+    # epochs=1 on a recipe with a longer warm-up (the natural smoke test) runs, warming up for half of it.
+    cfg = load_config(config="ibot_tiny_builtin", overrides=["epochs=1"])
+    assert cfg.optim.warmup_epochs == 0.5
+    assert "warm-up shortened to 0.5 epochs" in capsys.readouterr().out
+    assert load_config(config="ibot_tiny_builtin", overrides=["epochs=4", "optim.warmup_epochs=3"]).optim.warmup_epochs == 3

@@ -18,11 +18,21 @@ __all__ = ["CHECKPOINT_NAME", "atomic_save", "rng_state", "set_rng_state", "read
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+def atomic_save(obj, path: str, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file.
+
+    ``keep_previous``: the file being replaced becomes ``<name>.prev.pt`` (``checkpoint.prev.pt``),
+    the last good checkpoint offered when the newest one cannot be read."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed write (disk full, ^C) leaves no partial file behind
+        raise
+    if keep_previous and os.path.isfile(path):
+        os.replace(path, os.path.splitext(path)[0] + ".prev.pt")
     os.replace(tmp, path)
 
 

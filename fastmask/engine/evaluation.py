@@ -116,6 +116,26 @@ def pick_images(loader, n: int) -> torch.Tensor:
     return torch.stack(chosen)
 
 
+def attention_figure(plt, imgs, maps):
+    """Images (top row) and their CLS attention overlaid (bottom row) on one shared colour scale,
+    with a colour bar: the maps of different images and epochs are comparable."""
+    b = len(imgs)
+    fig, axes = plt.subplots(2, b, figsize=(2.2 * b + 0.8, 4.4), squeeze=False, layout="constrained")
+    vmax = float(max(m.max() for m in maps)) or 1.0
+    for i in range(b):
+        axes[0, i].imshow(imgs[i])
+        axes[1, i].imshow(imgs[i])
+        overlay = axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6, vmin=0.0, vmax=vmax)
+        axes[0, i].axis("off")
+        axes[1, i].axis("off")
+    axes[0, 0].set_title("image", fontsize=8, loc="left")
+    axes[1, 0].set_title("last-layer CLS attention", fontsize=8, loc="left")
+    bar = fig.colorbar(overlay, ax=axes[1, :].tolist(), shrink=0.9)
+    bar.set_label("attention weight (head mean)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    return fig
+
+
 @torch.no_grad()
 def save_attention_maps(backbone, images: torch.Tensor, path: str, amp_dtype=None) -> Optional[str]:
     """A PNG grid: each validation image beside it with its last-layer CLS attention overlaid."""
@@ -144,16 +164,7 @@ def save_attention_maps(backbone, images: torch.Tensor, path: str, amp_dtype=Non
     lo = imgs.amin(dim=(1, 2, 3), keepdim=True)
     hi = imgs.amax(dim=(1, 2, 3), keepdim=True)
     imgs = ((imgs - lo) / (hi - lo).clamp_min(1e-6)).permute(0, 2, 3, 1).numpy()
-    fig, axes = plt.subplots(2, b, figsize=(2.2 * b, 4.4), squeeze=False)
-    for i in range(b):
-        axes[0, i].imshow(imgs[i])
-        axes[1, i].imshow(imgs[i])
-        axes[1, i].imshow(maps[i], cmap="inferno", alpha=0.6)
-        axes[0, i].axis("off")
-        axes[1, i].axis("off")
-    axes[0, 0].set_title("image", fontsize=8, loc="left")
-    axes[1, 0].set_title("last-layer CLS attention", fontsize=8, loc="left")
-    fig.tight_layout()
+    fig = attention_figure(plt, imgs, maps)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._cli import UsageError
 from ..config import ConfigError, TrainConfig, config_to_dict
 from ..methods import get_method
 from ..methods.base import Method, StepState
@@ -35,6 +36,8 @@ from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_dev
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
 from .optim import clip_gradients, lamb
+from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in, truncate_metrics
+from .progress import progress_bar
 
 __all__ = ["Trainer", "train", "cosine_schedule", "step_seed", "make_optimizer", "amp_dtype_for"]
 
@@ -105,15 +108,21 @@ def compile_in_place(method: torch.nn.Module) -> int:
 class RunLog:
     """Rank 0's record of a run: ``metrics.jsonl`` and TensorBoard scalars (other ranks: no-ops)."""
 
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
+        """``purge_step``: resuming from that step; later records of the killed run are dropped
+        from metrics.jsonl and TensorBoard (the resumed run logs them again)."""
         self.history: List[Dict[str, Any]] = []
-        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if enabled else None
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if enabled and purge_step is not None:
+            truncate_metrics(path, purge_step)
+        self.file = open(path, "a") if enabled else None
         self.tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
+                                        purge_step=None if purge_step is None else purge_step + 1)
             except Exception as e:  # tensorboard missing or broken: keep training
                 warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})")
 
@@ -145,13 +154,14 @@ class Trainer:
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
         self.rank, self.world, self.is_main = self.dist.rank, self.dist.world, self.dist.is_main
+        # Every user mistake fails here, in one line, before anything is written (engine.preflight).
+        checked = preflight(cfg, self.world, self.dist.local_rank)
+        D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)
         self.method_cls = get_method(cfg.method_name)
         self.out_dir = cfg.output_dir
         self.ckpt_path = os.path.join(self.out_dir, ckpt_io.CHECKPOINT_NAME)
-        if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -190,9 +200,11 @@ class Trainer:
         self.start_epoch = 0
         self.batch_in_epoch = 0
         self.last_eval: Dict[str, float] = {}
-        self._resume()
+        self._resume(checked)
 
-        self.log_sink = RunLog(self.out_dir, self.is_main, cfg.tensorboard)
+        if self.is_main:
+            self._open_output_dir(checked)
+        self.log_sink = RunLog(self.out_dir, self.is_main, cfg.tensorboard, purge_step=checked.resume_step)
         self.wandb = None
         if cfg.wandb and self.is_main:
             from .loggers import WandbLogger
@@ -219,20 +231,33 @@ class Trainer:
             raise RuntimeError("cannot tell the batch size (DataConfig.batch_size or loader.batch_size)")
         return int(bs) * self.world
 
-    def _resume(self) -> None:
-        path = self.cfg.resume
-        if not path:
+    def _open_output_dir(self, checked) -> None:
+        """Rank 0, after every check and set-up step: --overwrite clears the previous run's files;
+        temporary files of killed checkpoint writes are removed."""
+        if self.cfg.overwrite and checked.resume_path is None and os.path.isdir(self.out_dir):
+            used = run_files_in(self.out_dir)
+            if used:
+                clear_run(self.out_dir)
+                print(f"[fastmask] --overwrite: removed the previous run's {', '.join(used)} from {self.out_dir}")
+        os.makedirs(self.out_dir, exist_ok=True)
+        stale = remove_stale_tmp(self.out_dir)
+        if stale:
+            print(f"[fastmask] removed {stale} temporary checkpoint file(s) of interrupted writes")
+
+    def _resume(self, checked) -> None:
+        path, ckpt = checked.resume_path, checked.checkpoint
+        if ckpt is None:
+            if self.cfg.resume == "auto" and self.is_main:
+                print(f"[fastmask] resume=auto: no checkpoint in {self.out_dir}, starting fresh")
             return
-        if path == "auto":
-            if not os.path.isfile(self.ckpt_path):
-                if self.is_main:
-                    print(f"[fastmask] resume=auto: no checkpoint in {self.out_dir}, starting fresh")
-                return
-            path = self.ckpt_path
-        ckpt = ckpt_io.read_checkpoint(path)
-        ckpt_io.check_compatible(ckpt, path, self.cfg, self.steps_per_epoch)
-        self.method.load_state_dict(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.steps_per_epoch != checked.steps_per_epoch:  # the loader and the preflight disagree: a bug
+            ckpt_io.check_compatible(ckpt, path, self.cfg, self.steps_per_epoch)
+        try:
+            self.method.load_state_dict(ckpt["method"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"resume: checkpoint {path} does not fit this run's model/optimizer "
+                             f"({str(e).splitlines()[0][:160]}); resume with the run's own settings") from None
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -244,7 +269,8 @@ class Trainer:
         if rng is not None:
             ckpt_io.set_rng_state(rng)
         if self.is_main:
-            print(f"[fastmask] resumed from {path}: epoch {self.start_epoch}, step {self.step}")
+            print(f"[fastmask] resuming the run in {self.out_dir} from {path}: epoch {self.start_epoch}, "
+                  f"step {self.step} (records after step {self.step} are dropped from its logs)")
 
     def save_checkpoint(self, epoch: int, batch_in_epoch: int) -> None:
         """Write ``checkpoint.pt`` atomically; ``epoch``/``batch_in_epoch`` say where to continue."""
@@ -268,7 +294,7 @@ class Trainer:
                 "nonfinite": self.guard.state_dict(),
                 "config": config_to_dict(self.cfg),
                 "fastmask_version": __import__("fastmask").__version__,
-            }, self.ckpt_path)
+            }, self.ckpt_path, keep_previous=True)
         D.barrier(self.world)
 
     def log(self, record: Dict[str, Any]) -> None:
@@ -371,13 +397,7 @@ class Trainer:
         stop_at = cfg.max_steps if cfg.max_steps > 0 else self.total_steps
         bar = None
         if self.is_main and cfg.progress_bar:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=min(stop_at, self.total_steps), initial=self.step, unit="step",
-                           dynamic_ncols=True, disable=None)
-            except ImportError:
-                bar = None
+            bar = progress_bar(total=min(stop_at, self.total_steps), initial=self.step)  # log lines print above it
         t_run = time.perf_counter()
         loss_sum, n_loss, last = None, 0, {}
         window_images, window_t0 = 0, time.perf_counter()

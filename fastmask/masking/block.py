@@ -7,6 +7,10 @@ sample of the batch makes one try per iteration (vectorised over [B, h, w] on th
 device), with the same acceptance rule.  BEiT may stop a few patches short of the target; we then
 top the mask up with patches on the border of the masked region (then anywhere) so that every
 sample hides exactly ``floor(ratio * h * w)`` patches.
+
+No host sync: the number of tries is fixed from a host-side bound on the counts (``max_count``, which
+the policy knows from its ratio), every sample runs every try (finished ones accept nothing), and the
+top-up always runs (a no-op for complete rows), so a call can be captured in a CUDA graph or compiled.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..philox import traced_generator
 
 MAX_TRIES = 10  # BEiT: rejected rectangles in a row before giving up on a sample
 
@@ -27,10 +33,13 @@ def block_masks(
     max_num_patches: Optional[int] = None,
     aspect_ratio: Tuple[float, float] = (0.3, 1 / 0.3),
     generator: Optional[torch.Generator] = None,
+    max_count: Optional[int] = None,
 ) -> torch.Tensor:
     """Block-wise masks [B, h*w] bool with exactly ``counts[b]`` hidden patches in row b.
 
     counts: int64 [B] (on the device the masks are built on, i.e. the generator's device).
+    max_count: a host-side upper bound on ``counts`` (default ``h*w``); it sets the number of tries,
+    so that nothing reads the counts back.
     """
     h, w = grid_size
     B = counts.shape[0]
@@ -46,12 +55,12 @@ def block_masks(
     cols = torch.arange(w, device=device).view(1, 1, w)
     failures = torch.zeros(B, dtype=torch.int64, device=device)
     active = remaining > 0
-    # Enough tries for every block of the largest target to need all its retries (plus one), then stop.
-    max_iters = MAX_TRIES * (int(counts.max()) // max(min_num_patches, 1) + 2)
+    # Enough tries for every block of the largest target to need all its retries (plus one).
+    bound = h * w if max_count is None else min(int(max_count), h * w)
+    max_iters = MAX_TRIES * (bound // max(min_num_patches, 1) + 2)
+    generator = traced_generator(generator)
     draws = torch.rand(max_iters, 4, B, generator=generator, device=device)  # one launch for all tries
     for it in range(max_iters):
-        if it % 4 == 0 and not bool(active.any()):
-            break
         u_area, u_aspect, u_top, u_left = draws[it]
         room = remaining.clamp(max=cap).to(torch.float32)
         area = min_num_patches + (room - min_num_patches) * u_area
@@ -77,9 +86,8 @@ def block_masks(
 
 
 def _top_up(mask: torch.Tensor, remaining: torch.Tensor, grid_size, generator) -> torch.Tensor:
-    """Hide ``remaining[b]`` more patches per row, preferring those touching the masked region."""
-    if not bool((remaining > 0).any()):
-        return mask
+    """Hide ``remaining[b]`` more patches per row, preferring those touching the masked region
+    (rows with nothing remaining are unchanged)."""
     h, w = grid_size
     B = mask.shape[0]
     grid = mask.view(B, 1, h, w).to(torch.float32)

@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple, Type
 import torch
 
 from .. import ops
+from ..philox import traced_generator
 from .block import block_masks
 from .ratios import (
     RatioSpec,
@@ -172,11 +173,13 @@ class BlockMaskPolicy(MaskPolicy):
         ratio = draw_ratio(self.ratio, batch_size, generator, build_on, self.ratio_per)
         counts = counts_from_ratio(ratio, N, batch_size, build_on)
         if self.mask_prob < 1.0:
-            gate = torch.rand(batch_size, generator=generator, device=build_on) < self.mask_prob
+            gate = torch.rand(batch_size, generator=traced_generator(generator), device=build_on) < self.mask_prob
             counts = torch.where(gate, counts, 0)
+        # The largest count any row can get, known on the host: block_masks then never reads counts back.
+        top = self.ratio[1] if isinstance(self.ratio, tuple) else self.ratio
         mask = block_masks(
             counts, grid_size, min_num_patches=self.min_num_patches, max_num_patches=self.max_num_patches,
-            aspect_ratio=self.aspect_ratio, generator=generator,
+            aspect_ratio=self.aspect_ratio, generator=generator, max_count=int(top * N),
         )
         return mask.to(device)
 

@@ -6,12 +6,16 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ..philox import traced_generator
+
 RatioSpec = Union[float, Tuple[float, float]]
 
 
 def generator_device(generator: Optional[torch.Generator], device) -> torch.device:
     """Where random numbers are drawn: the generator's own device (a generator can only fill tensors
-    there), else the target device."""
+    there), else the target device (also inside torch.compile, which draws from the default generator:
+    ``fastmask.philox.traced_generator``)."""
+    generator = traced_generator(generator)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -22,7 +26,7 @@ def generator_device(generator: Optional[torch.Generator], device) -> torch.devi
 def uniform(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     """float32 U(0, 1) of ``shape`` drawn from ``generator`` and moved to ``device``."""
     draw_on = generator_device(generator, device)
-    u = torch.rand(shape, generator=generator, device=draw_on)
+    u = torch.rand(shape, generator=traced_generator(generator), device=draw_on)
     return u.to(device) if device is not None else u
 
 
