@@ -17,7 +17,8 @@ __all__ = ["evaluate", "extract_features", "knn_accuracy", "save_attention_maps"
 
 
 @torch.no_grad()
-def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int) -> Dict[str, float]:
+def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int,
+             write_images: bool = True) -> Dict[str, float]:
     """k-NN accuracy on the val split (features of the train split as memory), the method's own
     validation metrics (supervised top-1/top-5) and attention maps.  Runs on one process (rank 0):
     the loaders read the whole splits."""
@@ -37,7 +38,7 @@ def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, 
         probe = linear_probe(tr_f, tr_y, va_f, va_y, num_classes, epochs=cfg.linear_probe_epochs)
         result.update(linear_top1=probe["top1"], linear_best_lr=probe["best_lr"])
     result["eval_seconds"] = time.perf_counter() - t0
-    if cfg.attn_images > 0:
+    if cfg.attn_images > 0 and write_images:
         images = pick_images(val_eval, cfg.attn_images).to(device)
         path = save_attention_maps(backbone, images, os.path.join(out_dir, "attention", f"epoch{epoch + 1:04d}.png"),
                                    amp_dtype)
