@@ -492,7 +492,11 @@ class Trainer:
             t_epoch = time.perf_counter()
             epoch_images = 0
             micro_batches = []
-            for batch_idx, batch in enumerate(self.train_loader):
+            first = 0
+            if skip and hasattr(self.train_loader, "set_start_batch"):
+                self.train_loader.set_start_batch(skip)  # sharded loaders skip without reading
+                first = skip
+            for batch_idx, batch in enumerate(self.train_loader, start=first):
                 if batch_idx < skip:
                     continue  # resumed mid-epoch: the loader's order is a function of (seed, epoch)
                 if done_in_epoch >= self.steps_per_epoch:
