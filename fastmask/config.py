@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -57,7 +58,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny / vit_small / vit_base / vit_large
+    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny/small/base/large or any timm ViT/DeiT name
     patch_size: int = 16
     img_size: int = 224  # resolution of the global crops / training images
     drop_path_rate: float = 0.1
@@ -259,6 +260,10 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad(k, f"must be >= 1, got {getattr(cfg, k)}")
     if cfg.eval_every < 0:
         bad("eval_every", f"must be >= 0, got {cfg.eval_every}")
+    spelled = re.search(r"_patch(\d+)", cfg.model.arch)
+    if spelled and int(spelled.group(1)) != cfg.model.patch_size:
+        bad("model.patch_size", f"{cfg.model.patch_size} differs from the patch size {spelled.group(1)} that "
+            f"model.arch={cfg.model.arch!r} names; set model.patch_size={spelled.group(1)} (or name the size you mean)")
     if cfg.nonfinite_max_consecutive < 1:
         bad("nonfinite_max_consecutive", f"must be >= 1, got {cfg.nonfinite_max_consecutive}")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):

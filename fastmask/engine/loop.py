@@ -221,6 +221,10 @@ class Trainer:
         self.ddp = None
         if self.fsdp:
             D.shard_fsdp(self.method, cfg.fsdp_mixed_precision)
+            if cfg.fsdp_mixed_precision and self.amp_dtype is None:
+                # bf16 parameters meet float32 tensors between FSDP units (heads, losses): autocast
+                # is what makes them agree (on a GPU amp=auto is bf16 already).
+                self.amp_dtype = torch.bfloat16
         elif self.world > 1:
             self.ddp = D.wrap_ddp(self.method, cfg.ddp_bucket_mb)
         self.trainable = [p for g in self.method.param_groups(0.0) for p in g["params"]]
@@ -488,7 +492,11 @@ class Trainer:
             t_epoch = time.perf_counter()
             epoch_images = 0
             micro_batches = []
-            for batch_idx, batch in enumerate(self.train_loader):
+            first = 0
+            if skip and hasattr(self.train_loader, "set_start_batch"):
+                self.train_loader.set_start_batch(skip)  # sharded loaders skip without reading
+                first = skip
+            for batch_idx, batch in enumerate(self.train_loader, start=first):
                 if batch_idx < skip:
                     continue  # resumed mid-epoch: the loader's order is a function of (seed, epoch)
                 if done_in_epoch >= self.steps_per_epoch:
