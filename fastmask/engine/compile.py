@@ -59,17 +59,23 @@ def resolve_compile_mode(value) -> str:
     return key
 
 
-def train_step_fn(method: nn.Module) -> StepFn:
+def train_step_fn(method: nn.Module, forward: Optional[Callable] = None) -> StepFn:
     """``step(batch, state) -> (loss detached, metrics)``: forward, loss and backward of one step of
     ``method`` (eager).  ``batch`` must already have gone through ``method.prepare_batch``.
+    ``forward`` replaces ``method.training_step`` as what computes ``(loss, metrics)`` (the driver's
+    DDP wrapper around the method).
 
     Each call returns a function with its own code object (named after the method): Dynamo keys its
     cache, its recompile limit and its automatic-dynamic shape memory by code object, so two methods
     compiled in one process (a benchmark, the tests) must not share one."""
 
+    run = forward if forward is not None else method.training_step
+
     def train_step(batch, state):
-        loss, metrics = method.training_step(batch, state)
-        if not method.manual_backward:
+        loss, metrics = run(batch, state)
+        # A manual-backward method back-propagates itself, all of it unless the driver asked it to
+        # leave the last part (``defer_last_backward``) to this backward.
+        if not method.manual_backward or getattr(state, "defer_last_backward", False):
             state.backward(loss)
         return loss.detach(), metrics
 
@@ -121,16 +127,21 @@ def compile_step(
     fullgraph: bool = True,
     dynamic: Optional[bool] = None,
     options: Optional[Dict[str, Any]] = None,
+    forward: Optional[Callable] = None,
 ) -> StepFn:
     """The driver's training step for ``method``: ``step(batch, state) -> (loss detached, metrics)``
     runs ``method.prepare_batch`` eagerly, then forward + loss + backward, compiled as ``mode`` says
-    (see the module docstring).  ``compile_mode`` is ``torch.compile``'s ``mode`` (``None``,
+    (see the module docstring).  ``forward``: see ``train_step_fn``.  ``compile_mode`` is ``torch.compile``'s ``mode`` (``None``,
     ``"reduce-overhead"``, ``"max-autotune"``, ...), ``backend`` its backend (``"eager"`` and
     ``"aot_eager"`` trace without generating code: tests).  ``step.compiled`` is the compiled
     function (``None`` unless ``mode="step"``)."""
     mode = resolve_compile_mode(mode)
+    if mode == "step" and forward is not None:
+        # DDP's reducer hooks the autograd graph from outside it; a backward traced into the step's
+        # graph has not been checked against them.  The blocks mode composes with DDP as before.
+        raise ValueError("compile=step does not support DDP yet (world size > 1); use compile=blocks")
     prepare = _prepare(method)
-    eager_step = train_step_fn(method)
+    eager_step = train_step_fn(method, forward)
     kwargs = dict(backend=backend, mode=compile_mode, dynamic=dynamic, options=options)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     compiled = None
