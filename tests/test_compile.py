@@ -18,6 +18,7 @@ from torch import nn
 
 from fastmask.config import ConfigError, load_config
 from fastmask.engine.compile import compile_step, count_graph_breaks, no_recompiles, resolve_compile_mode, train_step_fn
+from test_train import tiny_folder, tiny_overrides  # noqa: F401  (fixture)
 from tiny_methods import CASES, make_batch, make_method, make_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*teacher is randomly initialised")
@@ -276,3 +277,37 @@ def test_reduce_overhead_step_matches_the_default_mode():
                 torch.testing.assert_close(_grads(method)[key], grad, rtol=1e-3, atol=1e-5, msg=key)
             _zero_grads(method)
             _zero_grads(default)
+
+
+# ------------------------------------------------------------------------------------- the driver
+
+@pytest.mark.slow
+def test_driver_compile_step_trains_like_eager(tiny_folder, tmp_path, monkeypatch):
+    """``compile=step`` through the driver (its StepState, per-step seeding, bound backward, value
+    checks turned off after step 1, optimizer): 3 steps from one graph, and the parameters of an eager
+    run that draws its masks where the compiled step does (the default generator, seeded per step)."""
+    import dataclasses
+    import fastmask.engine.loop as loop
+    from fastmask.engine import compile as compile_module
+    from fastmask.train import Trainer
+
+    backend, graphs = counting_backend()
+
+    def driver_compile_step(method, mode, **kwargs):
+        step = compile_module.compile_step(method, mode, backend=backend, **kwargs)
+        if mode != "none":
+            return step
+        return lambda batch, state: step(batch, dataclasses.replace(state, generator=None))
+
+    monkeypatch.setattr(loop, "compile_step", driver_compile_step)
+    params = {}
+    for mode in ("none", "step"):
+        out = tmp_path / mode
+        cfg = load_config(config="dino_tiny_builtin",
+                          overrides=tiny_overrides(tiny_folder, out, f"compile={mode}", "max_steps=3", "attn_images=0"))
+        Trainer(cfg).fit()
+        params[mode] = torch.load(out / "checkpoint.pt", weights_only=False)["method"]
+    assert len(graphs) == 1
+    assert params["step"].keys() == params["none"].keys()
+    for key, value in params["none"].items():
+        torch.testing.assert_close(params["step"][key], value, rtol=1e-4, atol=1e-5, msg=key)
