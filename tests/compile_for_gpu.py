@@ -294,7 +294,9 @@ def gpu_code_path(arch: int = 90):
     from fastmask.kernels import token_gather as tg
 
     assert not library._INTERPRET, "import this module before fastmask (TRITON_INTERPRET must be unset)"
-    Compiler(arch, all_configs=False, quiet=True).install()
+    compiler = Compiler(arch, all_configs=False, quiet=True)
+    compiler._full_case = False  # autotuned kernels: their first config only
+    compiler.install()
     saved = (_backend.AVAILABLE["triton"], _backend.triton_interpret, tg._gpu_launch)
     _backend.AVAILABLE["triton"] = (True, f"target-only sm_{arch} driver: compiles launches, runs nothing")
     _backend.triton_interpret = lambda: True  # CPU tensors may take the triton backend
@@ -343,7 +345,7 @@ def op_calls():
     }
 
 
-def gpu_path_graph_breaks(compile_ops=("gather_tokens", "cls_attention_mask", "attention")) -> dict:
+def gpu_path_graph_breaks(compile_ops=("gather_tokens", "cls_attention_mask")) -> dict:
     """{op: graph breaks} on the GPU code path; the ops in ``compile_ops`` are also compiled with
     ``torch.compile(fullgraph=True, backend="aot_eager")`` (Triton launches traced via wrap_triton,
     each compiled for the target) and their backward run."""
