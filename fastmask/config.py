@@ -19,9 +19,11 @@ checks across sections in :func:`check_train_config` and the method's ``check_co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -56,7 +58,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny / vit_small / vit_base / vit_large
+    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny/small/base/large or any timm ViT/DeiT name
     patch_size: int = 16
     img_size: int = 224  # resolution of the global crops / training images
     drop_path_rate: float = 0.1
@@ -92,7 +94,10 @@ class TeacherConfig:
     Its patch grid is the student's: the teacher runs at ``student grid * patch_size`` pixels."""
 
     arch: str = "vit_base"  # fastmask.models.create_vit name
-    checkpoint: Optional[str] = None  # local timm-layout file; None = random init (tests / throughput only)
+    # local timm-layout file; None = random init (tests / throughput only); "auto": a teacher trained once
+    # on the run's data by the driver and cached under data.cache_dir (fastmask.engine.auto_teacher)
+    checkpoint: Optional[str] = None
+    auto_epochs: int = 10  # epochs of that teacher's supervised run (checkpoint: auto)
     checkpoint_key: Optional[str] = None  # entry of the checkpoint dict holding the weights
     patch_size: int = 0  # 0: the student's
     # Overrides of the architecture's size (0 = the arch's own), for tiny recipes.
@@ -106,8 +111,11 @@ class TeacherConfig:
         for k in ("patch_size", "depth", "embed_dim", "num_heads"):
             if getattr(self, k) < 0:
                 raise ValueError(f"method.teacher.{k} must be >= 0 (0 = default), got {getattr(self, k)}")
-        if self.checkpoint and not os.path.isfile(os.path.expanduser(self.checkpoint)):
-            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r}")
+        if self.checkpoint and self.checkpoint != "auto" and not os.path.isfile(os.path.expanduser(self.checkpoint)):
+            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r} "
+                             "(or 'auto': train one once on the run's data and cache it)")
+        if self.auto_epochs < 1:
+            raise ValueError(f"method.teacher.auto_epochs must be >= 1, got {self.auto_epochs}")
 
 
 @dataclass
@@ -133,6 +141,10 @@ class OptimConfig:
     # min_lr scaled by batch/256 as well (fastmask's earlier behaviour); false: min_lr is absolute, as
     # in DINO/iBOT/AttMask (cosine_scheduler(lr * batch / 256, min_lr, ...)) and DeiT/MaskSub/MaskedKD.
     scale_min_lr: bool = True
+    # Gradient accumulation: an optimizer step every accum_steps loader batches (global batch =
+    # data.batch_size x world size x accum_steps).  Equal to the large batch except where a method
+    # uses batch statistics (DINO/iBOT centre updates per micro-batch, BatchNorm heads).
+    accum_steps: int = 1
 
     def __post_init__(self):
         from .engine.optim import CLIP_MODES, DECAY_GROUPS, OPTIMIZERS
@@ -153,6 +165,8 @@ class OptimConfig:
             raise ValueError("optim.weight_decay: must be >= 0")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad: must be >= 0 (0 disables), got {self.clip_grad}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps: must be >= 1, got {self.accum_steps}")
         if self.freeze_last_layer_epochs < 0:
             raise ValueError(f"optim.freeze_last_layer_epochs: must be >= 0, got {self.freeze_last_layer_epochs}")
         for k in ("teacher_momentum", "teacher_momentum_end"):
@@ -177,6 +191,11 @@ class TrainConfig:
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: str = "auto"  # auto / bf16 / fp16 / off: see fastmask.engine.guard.amp_policy (bf16 on native-bf16 GPUs, fp16 + loss scaling on older ones, off on CPU)
     compile: bool = False
+    # Data parallelism under torchrun: "ddp" (replicas, bucketed all-reduce overlapped with the
+    # backward) or "fsdp" (FSDP2 fully_shard per block of every network, teachers included).
+    parallel: str = "ddp"
+    fsdp_mixed_precision: bool = True  # fsdp: bf16 parameters in compute, float32 gradient reduction
+    ddp_bucket_mb: float = 25.0
     log_every: int = 10
     eval_every: int = 1  # epochs between k-NN evaluations (0: only at the end)
     knn_k: int = 20
@@ -223,6 +242,12 @@ def check_train_config(cfg: TrainConfig) -> None:
         cfg.optim.warmup_epochs = cfg.epochs / 2
     if cfg.amp.lower() not in ("auto", "bf16", "fp16", "off", "on"):
         bad("amp", f"must be one of auto, bf16, fp16, off; got {cfg.amp!r}")
+    if cfg.parallel not in PARALLEL_MODES:
+        bad("parallel", f"must be one of {', '.join(PARALLEL_MODES)}; got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp" and cfg.amp.lower() == "fp16":
+        bad("amp", "fp16 loss scaling is not supported with parallel=fsdp; use amp=bf16")
+    if not cfg.ddp_bucket_mb > 0:
+        bad("ddp_bucket_mb", f"must be > 0, got {cfg.ddp_bucket_mb}")
     dev = cfg.device.lower()
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
@@ -235,6 +260,10 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad(k, f"must be >= 1, got {getattr(cfg, k)}")
     if cfg.eval_every < 0:
         bad("eval_every", f"must be >= 0, got {cfg.eval_every}")
+    spelled = re.search(r"_patch(\d+)", cfg.model.arch)
+    if spelled and int(spelled.group(1)) != cfg.model.patch_size:
+        bad("model.patch_size", f"{cfg.model.patch_size} differs from the patch size {spelled.group(1)} that "
+            f"model.arch={cfg.model.arch!r} names; set model.patch_size={spelled.group(1)} (or name the size you mean)")
     if cfg.nonfinite_max_consecutive < 1:
         bad("nonfinite_max_consecutive", f"must be >= 1, got {cfg.nonfinite_max_consecutive}")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
@@ -310,6 +339,9 @@ def _set(cfg: DictConfig, dotted: str, value, shown: str) -> None:
         value = int(value)
     elif isinstance(value, int) and ref_type is float:
         value = float(value)
+    elif isinstance(value, str) and ref_type is float:
+        with contextlib.suppress(ValueError):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     elif isinstance(value, list) and typing.get_origin(ref_type) is tuple:
         value = tuple(value)  # YAML has no tuples
     elif isinstance(value, str) and value.strip().lower() == "none" and _optional(node, last):

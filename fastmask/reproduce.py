@@ -46,8 +46,12 @@ __all__ = ["PAPERS", "Plan", "Run", "load_plan", "paired_difference", "claim_ver
 
 SETTINGS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce.yaml")
 PAPERS = ("attmask", "random_masking_dino", "maskedkd", "masksub", "maskdistill")
-SCALES = ("cpu", "gpu", "smoke")
+SCALES = ("cpu", "cpu_long", "gpu", "smoke")
 RELATIONS = (">", ">=", "~")
+# Config keys renamed since results were recorded (old -> new): a recorded run whose overrides equal
+# a planned run's up to these names is the same run.
+_RENAMED_KEYS = {f"method.teacher_{k}": f"method.teacher.{k}"
+                 for k in ("arch", "checkpoint", "depth", "embed_dim", "num_heads", "patch_size")}
 
 
 @dataclass
@@ -376,16 +380,31 @@ def _record(run: Run, plan: Plan, summary: dict, wall: Optional[float], cpu: Opt
     return rec
 
 
+def _canonical(overrides: Sequence[str]) -> List[str]:
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        out.append(_RENAMED_KEYS.get(key, key) + eq + value)
+    return out
+
+
+def _same_run(rec: Optional[dict], run: Run) -> bool:
+    if not rec:
+        return False
+    if rec.get("hash") == run.hash:
+        return True
+    return rec.get("recipe") == run.recipe and _canonical(rec.get("overrides", [])) == _canonical(run.overrides)
+
+
 def _known(results: dict, run: Run) -> Optional[dict]:
-    """A finished record of ``run`` (same hash) in results.json or its work folder."""
+    """A finished record of ``run`` (same hash, or the same overrides up to renamed keys) in
+    results.json or its work folder."""
     rec = results["teacher"] if run.seed is None else results["runs"].get(run.setting, {}).get(str(run.seed))
-    if rec and rec.get("hash") == run.hash:
-        return rec
-    if os.path.isfile(run.finished_marker):
+    if not _same_run(rec, run) and os.path.isfile(run.finished_marker):
         with open(run.finished_marker) as f:
             rec = json.load(f)
-        if rec.get("hash") == run.hash:
-            return rec
+    if _same_run(rec, run):
+        return {**rec, "hash": run.hash, "overrides": run.overrides}
     return None
 
 
@@ -393,7 +412,7 @@ def _write_outputs(plan: Plan, results: dict) -> None:
     os.makedirs(plan.out_dir, exist_ok=True)
     results.update(paper=plan.paper, scale=plan.scale, title=plan.title, metric=plan.metric,
                    settings=plan.settings, seeds=plan.seeds, claims=plan.claims,
-                   equivalence_margin=plan.equivalence_margin, settings_file=os.path.relpath(SETTINGS_FILE))
+                   equivalence_margin=plan.equivalence_margin, settings_file="fastmask/reproduce.yaml")
     results["stats"] = summarise(plan, results)
     tmp = os.path.join(plan.out_dir, "results.json.tmp")
     with open(tmp, "w") as f:

@@ -184,6 +184,92 @@ def _mask_token_kernel(
              vals.to(out_ptr.dtype.element_ty), mask=m)
 
 
+# Backward kernels that fuse the batch reductions (pos-embed, fill and mask-token gradients): a program
+# owns [ROWS tokens, BLOCK_D channels] and walks the whole batch, BATCH samples at a time, so each
+# gradient row is read once, written once, and summed in float32 registers on the way.
+
+@triton.jit
+def _gather_backward_kernel(
+    grad_ptr, slot_ptr, grad_x_ptr, grad_pos_ptr,
+    B, N, D,
+    stride_gb, stride_gk, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, n] = grad[b, slot[b, n]] (0 where slot < 0); grad_pos[n] = sum_b grad_x[b, n] (float32)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + slot * stride_gk)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok & (slot >= 0)[:, :, None], other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, vals, mask=ok)
+        acc += tl.sum(vals.to(tl.float32), 0)
+    tl.store(grad_pos_ptr + n[:, None] * D + cols[None, :], _round_float32_to(acc, grad_pos_ptr.dtype.element_ty),
+             mask=tile_ok)
+
+
+@triton.jit
+def _scatter_backward_kernel(
+    grad_ptr, slot_ptr, grad_x_ptr, partial_ptr,
+    B, N, K, D,
+    stride_gb, stride_gn, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, slot[b, n]] = grad[b, n] for kept tokens; partial[program row, :] = the sum of grad over
+    this program's hidden (b, n) (the fill's gradient, summed over programs afterwards)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
+        kept = (slot >= 0)[:, :, None]
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok, other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * K + slot) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, vals, mask=ok & kept)
+        acc += tl.sum(tl.where(kept, 0.0, vals.to(tl.float32)), 0)
+    tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
+
+
+@triton.jit
+def _mask_token_backward_kernel(
+    grad_ptr, mask_ptr, grad_x_ptr, partial_ptr,
+    B, N, D,
+    stride_gb, stride_gn, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, n] = 0 if mask[b, n] else grad[b, n]; partial[program row, :] = the sum of grad over
+    this program's hidden (b, n) (the mask token's gradient, summed over programs afterwards)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        hidden = (tl.load(mask_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=0) != 0)[:, :, None]
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok, other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, tl.where(hidden, 0.0, vals).to(grad_x_ptr.dtype.element_ty), mask=ok)
+        acc += tl.sum(tl.where(hidden, vals.to(tl.float32), 0.0), 0)
+    tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
+
+
 @triton.jit
 def _random_keep_kernel(ids_keep_ptr, mask_ptr, ids_restore_ptr, seed_ptr, B, N, K,
                         ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr):
@@ -297,6 +383,76 @@ def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tens
         HAS_TOKEN=True, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
+
+
+def _reduce_tile(B: int, N: int, D: int, device: torch.device, partial: bool) -> Tuple[int, int, int, int]:
+    """(BATCH, ROWS, BLOCK_D, num_warps) for the backward kernels that sum over the batch.
+
+    Without a partial-sum buffer (the pos-embed gradient is per token) programs own 2 tokens, enough of
+    them to fill the GPU; with one (fill / mask-token gradients) 16 tokens, so that the [programs, D]
+    float32 partials stay ~1% of the traffic even at small batches.
+    """
+    if not _gpu_launch(device):
+        block_d = next_power_of_2(D)
+        rows = max(1, min(next_power_of_2(N), _INTERPRETER_TILE_ELEMS // block_d))
+        return max(1, min(next_power_of_2(B), _INTERPRETER_TILE_ELEMS // (rows * block_d))), rows, block_d, 4
+    block_d = min(_block_d(D), 256)
+    rows = 16 if partial else 2
+    return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 4
+
+
+def gather_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype):
+    """(grad_x [B, N, D] or None, grad_pos [N, D]) of gather_tokens(x, ids, pos_embed), in one pass."""
+    B, K, D = grad_out.shape
+    grad_x = torch.empty(B, num_tokens, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    grad_pos = torch.empty(num_tokens, D, dtype=pos_dtype, device=grad_out.device)
+    if grad_pos.numel() == 0 or B == 0:
+        return (None if grad_x is None else grad_x.zero_()), grad_pos.zero_()
+    slot = _token_slots(ids, num_tokens)
+    batch, rows, block_d, num_warps = _reduce_tile(B, num_tokens, D, grad_out.device, partial=False)
+    wrap_triton(_gather_backward_kernel)[(cdiv(num_tokens, rows), cdiv(D, block_d))](
+        grad_out, slot, grad_x if need_x else grad_out, grad_pos,
+        B, num_tokens, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, grad_pos
+
+
+def scatter_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype):
+    """(grad_x_kept [B, K, D] or None, grad_fill [D]) of scatter_tokens(x_kept, ids, N, fill), in one pass."""
+    B, N, D = grad_out.shape
+    K = ids.shape[1]
+    grad_x = torch.empty(B, K, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    if B * N * D == 0:
+        return grad_x, torch.zeros(D, dtype=fill_dtype, device=grad_out.device)
+    slot = _token_slots(ids, N)
+    batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
+    partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
+    wrap_triton(_scatter_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
+        grad_out, slot, grad_x if need_x else grad_out, partial,
+        B, N, K, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, partial.sum(0).to(fill_dtype)
+
+
+def apply_mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype):
+    """(grad_x [B, N, D] or None, grad_token [D]) of apply_mask_token(x, mask, token), in one pass."""
+    B, N, D = grad_out.shape
+    grad_x = torch.empty(B, N, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    if B * N * D == 0:
+        return grad_x, torch.zeros(D, dtype=token_dtype, device=grad_out.device)
+    batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
+    partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
+    wrap_triton(_mask_token_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
+        grad_out, mask.contiguous().view(torch.uint8), grad_x if need_x else grad_out, partial,
+        B, N, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, partial.sum(0).to(token_dtype)
 
 
 def random_keep(seed: torch.Tensor, batch: int, num_tokens: int, keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

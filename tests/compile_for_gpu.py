@@ -123,7 +123,13 @@ class Compiler:
             return None  # JITFunction.run then returns before the launch
 
         def _autotuned_run(tuner, *args, **kwargs):
-            configs = tuner.configs if (compiler.all_configs or compiler._full_case) else tuner.configs[:1]
+            # The configs the autotuner would time for this call (after its early pruning, e.g. by dtype).
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                pruned = tuner.prune_configs(kwargs)
+            finally:
+                tuner.nargs = None
+            configs = pruned if (compiler.all_configs or compiler._full_case) else pruned[:1]
             fits = 0
             compiler._autotuning = True
             try:
@@ -154,7 +160,9 @@ class Compiler:
         consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.params[k[0]].is_constexpr}
         record = (fn.fn.__name__, consts, options.num_warps, options.num_stages, shared, seconds)
         self.records.append(record)
-        self.resources.append({"kernel": record[0], "num_warps": record[2], "num_stages": record[3],
+        first_ptr = next((t for t in signature.values() if isinstance(t, str) and t.startswith("*")), "")
+        self.resources.append({"kernel": record[0], "dtype": first_ptr.lstrip("*"), "num_warps": record[2],
+                               "num_stages": record[3],
                                **{k: getattr(v, "value", v) for k, v in consts.items()
                                   if isinstance(getattr(v, "value", v), (int, float, str, bool))},
                                **resource_usage(kernel, self.arch, options.num_warps)})
@@ -258,6 +266,8 @@ def sdist_cases():
 def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
+    from fastmask.kernels import cls_row as cr
+
     op = _fastmask_ops()
     first = True
     # (dtype, TF32 allowed, head dims): fp16 shares bf16's code but for the dot's input type.
@@ -272,6 +282,27 @@ def attention_cases(compiler: Compiler):
                 q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
                 out = op.attention(q, k, v, head_dim**-0.5, export, 1, "triton")[0]
                 out.sum().backward()
+                if export and not tf32:  # the CLS-row kernel that SDPA candidates run beside
+                    cr.cls_row(q.detach(), k.detach(), head_dim ** -0.5, 1)
+                    q12 = torch.zeros(2, 12, 197, head_dim, dtype=dtype)  # ViT-B's 12 heads: another BLOCK_H
+                    cr.cls_row(q12, q12, head_dim ** -0.5, 1)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def attention_config_cases(compiler: Compiler):
+    """Every shipped attention autotune config, for each matrix unit (bf16 MMA, TF32 MMA, float32 FMA),
+    at head dims 64 (ViT-S/B) and 128 (the largest tile; 80 pads to it), forward with and without the
+    CLS export and the backward, at L = 197: what the sm_90 quality test checks config by config."""
+    op = _fastmask_ops()
+    compiler._full_case = True
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for head_dim in (64, 128):
+            for export in (True, False):
+                q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+                out = op.attention(q, k, v, head_dim**-0.5, export, 1, "triton")[0]
+                if export:  # one backward per (dtype, head dim): it does not depend on the export
+                    out.sum().backward()
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
@@ -371,7 +402,8 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config for every case")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=("token", "topk", "sdist", "attention"), default=None,
+    parser.add_argument("--only", nargs="+", choices=("token", "topk", "sdist", "attention", "attention-configs"),
+                        default=None,
                         help="compile only these kernel families")
     parser.add_argument("--report", default=None, help="write every compile's resource usage to this JSON file")
     parser.add_argument("--graph-breaks", action="store_true",
@@ -395,6 +427,8 @@ def main(argv=None):
             sdist_cases()
         if "attention" in families:
             attention_cases(compiler)
+        if "attention-configs" in families:
+            attention_config_cases(compiler)
         total += len(compiler.records)
         report[f"sm_{arch}"] = compiler.resources
         kernels = sorted({r[0] for r in compiler.records})

@@ -155,9 +155,10 @@ def _train_cases(tmp_path, data, empty):
         "resume corrupt, prev kept": (["--resume", str(junk)], "truncated or corrupt"),
         "resume zero bytes": (["--resume", str(zero)], "is empty (0 bytes)"),
         "resume a weights file": (["--resume", str(weights)], "not a fastmask.train checkpoint"),
-        "resume other batch size": (["--resume", other_bs], "data.batch_size=8, this run has data.batch_size=4"),
+        "resume other batch size": (["--resume", other_bs], "global batch of 8 (data.batch_size=8 x 1 process(es)"),
         "resume other arch": (["--resume", other_arch], "model.arch='vit_base', this run has model.arch='vit_tiny'"),
-        "resume other world size": (["--resume", str(other_world)], "written by 2 process(es), this run has 1"),
+        # another world size resumes if the global batch is the same (tests/test_engine.py); here it is not
+        "resume other world size": (["--resume", str(other_world)], "global batch of 8 (data.batch_size=4 x 2 process(es)"),
         "resume and overwrite": (["--resume", "--overwrite"], "--overwrite and --resume contradict"),
         "resume weights that do not fit": (["--resume", _fake_checkpoint(tmp_path / "fit.pt")],
                                            "does not fit this run's model"),

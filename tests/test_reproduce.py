@@ -100,3 +100,16 @@ def test_smoke_run_writes_results_and_resumes_without_retraining(tmp_path, monke
     # A budget that is already spent starts nothing and says how to continue.
     assert reproduce.main(argv[:4] + ["no_kd,full_teacher", *argv[5:], "--budget", "1e-9"]) == 0
     assert "budget of 0 s spent" in capsys.readouterr().out
+
+
+def test_a_recorded_run_with_renamed_config_keys_is_the_same_run(tmp_path):
+    plan = reproduce.load_plan("maskedkd", "cpu", work_root=str(tmp_path))
+    run = plan.student_runs()[1]
+    old = [o.replace("method.teacher.arch=", "method.teacher_arch=") for o in run.overrides]
+    assert old != run.overrides
+    results = {"runs": {run.setting: {str(run.seed): {"hash": "0" * 16, "recipe": run.recipe, "overrides": old,
+                                                       "metric": 1.0}}}, "teacher": None}
+    assert reproduce._known(results, run)["hash"] == run.hash
+    other = plan.student_runs()[2]  # another setting's record is not this run
+    results["runs"][run.setting][str(run.seed)]["overrides"] = other.overrides
+    assert reproduce._known(results, run) is None

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
 
-__all__ = ["CHECKPOINT_NAME", "atomic_save", "rng_state", "set_rng_state", "read_checkpoint",
-           "check_compatible"]
+__all__ = ["CHECKPOINT_NAME", "atomic_save", "rng_state", "set_rng_state", "full_state", "load_full_state",
+           "read_checkpoint", "check_compatible"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -50,6 +50,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(Exception):
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state(method: torch.nn.Module, optimizer) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(model, optimizer) state dicts in the single-process layout whatever the parallelism: full
+    tensors (FSDP shards gathered) on the CPU, optimizer state keyed by parameter name, so that a
+    checkpoint of any world size loads into any other.  Collective: every rank calls it; ranks > 0
+    get empty dicts under FSDP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _options(cpu_offload=True)
+    return get_model_state_dict(method, options=opts), get_optimizer_state_dict(method, optimizer, options=opts)
+
+
+def load_full_state(method: torch.nn.Module, optimizer, model_state: Dict[str, Any],
+                    optim_state: Dict[str, Any]) -> None:
+    """Inverse of :func:`full_state`: every rank loads the full dicts (and keeps its own shards)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(method, model_state, options=_options())
+    # strict=False: a parameter that has had no gradient yet (DINO's last layer while frozen) has no
+    # optimizer state, exactly as in the uninterrupted run; strict loading refuses such checkpoints.
+    set_optimizer_state_dict(method, optimizer, optim_state, options=_options(strict=False))
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:

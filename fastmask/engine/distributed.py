@@ -1,17 +1,21 @@
-"""Process-group set-up from torchrun's environment and the collectives the engine needs."""
+"""Data parallelism on PyTorch's engines: the process group from torchrun's environment, DDP
+(bucketed all-reduce overlapped with the backward) and FSDP2 (``fully_shard`` per block)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import traceback
 from dataclasses import dataclass
-from typing import List
-
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
 
-__all__ = ["DistInfo", "init_distributed", "resolve_device", "broadcast_module", "all_reduce_grads",
-           "check_ranks_in_sync", "barrier", "shutdown"]
+__all__ = ["DistInfo", "Trainables", "init_distributed", "resolve_device", "broadcast_module", "wrap_ddp",
+           "shard_fsdp", "check_ranks_in_sync", "fail_together", "barrier", "shutdown"]
 
 
 @dataclass
@@ -64,29 +68,108 @@ def broadcast_module(module: torch.nn.Module) -> None:
                 dist.broadcast(t, src=0)
 
 
-def all_reduce_grads(params: List[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks after every backward of the step, flattened into few buckets."""
-    if world <= 1:
-        return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    bucket, size, cap = [], 0, 25 * 2 ** 20
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= cap):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            flat.div_(world)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
+class Trainables(nn.Module):
+    """The modules a method trains, as one module whose ``forward`` is the method's training step.
+
+    DDP wraps this rather than each network: its reducer then sees every forward of the step (iBOT
+    runs the student on global and local crops before one backward), finds from the returned loss
+    the parameters a step leaves unused (a mask token), and never touches frozen or EMA teachers
+    (not in here, and without gradients).  Backwards a method runs inside the step (MaskSub's main
+    branch) happen before DDP prepares its reducer, so they only accumulate locally; the reducer
+    averages the accumulated gradients, bucket by bucket while the driver's final backward runs.
+    """
+
+    def __init__(self, method: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleDict({(k or "method"): m for k, m in method.trainable_modules().items()})
+        object.__setattr__(self, "method", method)  # not a child: only the trained modules are synced
+
+    def forward(self, batch, state):
+        return self.method.training_step(batch, state)
+
+
+def wrap_ddp(method: nn.Module, bucket_mb: float) -> DistributedDataParallel:
+    # device_ids=None: the step's inputs (batch, StepState) are already on this process' device.
+    return DistributedDataParallel(
+        Trainables(method), device_ids=None, bucket_cap_mb=bucket_mb, find_unused_parameters=True,
+        broadcast_buffers=False)  # buffers that matter (DINO's centre) are reduced by the method itself
+
+
+# Methods a fastmask ViT is entered through besides forward(): FSDP must unshard around them too.
+_ENTRY_METHODS = ("forward_features", "embed", "forward_cls")
+
+
+def _register_entries(module: nn.Module, register) -> None:
+    """Let FSDP unshard ``module`` around its entry methods, at the outermost call only.
+
+    ``forward_features`` calls ``embed``, and ``forward`` calls ``forward_features``: FSDP's hooks
+    around an inner call would reshard the parameters the outer call still needs, so a call made
+    while the module is already inside forward or an entry runs the plain method."""
+    depth = [0]
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+    for name in _ENTRY_METHODS:
+        plain = getattr(type(module), name, None)
+        if not callable(plain):
+            continue
+        register(module, name)
+        hooked = module.__dict__[name]
+
+        def entry(*args, _plain=plain.__get__(module), _hooked=hooked, **kwargs):
+            if depth[0]:
+                return _plain(*args, **kwargs)
+            enter()
+            try:
+                return _hooked(*args, **kwargs)
+            finally:
+                leave()
+
+        module.__dict__[name] = entry
+
+
+def shard_fsdp(method: nn.Module, mixed_precision: bool) -> int:
+    """FSDP2 ``fully_shard`` of every network of the method, trained or frozen (the EMA teacher is
+    sharded like its student, so the EMA runs shard by shard on the same slices): each transformer
+    block is a unit, each ViT a unit (its embeddings, norms, heads), each top module a unit.
+    ``mixed_precision``: bf16 parameters in forward/backward, float32 gradient reduction.
+    Returns the number of units."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    roots = dict(method.trainable_modules())
+    teacher = getattr(method, "teacher", None)
+    if isinstance(teacher, nn.Module):
+        roots["teacher"] = teacher
+    units = 0
+    for root in roots.values():
+        # BatchNorm (DINO/iBOT heads with use_bn) keeps float32 statistics buffers that FSDP does
+        # not cast: its own float32 unit, inputs cast to float32.
+        for bn in [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            fully_shard(bn, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=True))
+            units += 1
+        vits = [m for m in root.modules() if isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))]
+        for vit in vits:
+            for blk in vit.blocks:
+                fully_shard(blk, mp_policy=mp)
+                units += 1
+            if vit is not root:
+                fully_shard(vit, mp_policy=mp)
+                units += 1
+        # A frozen teacher has no backward to reshard it: reshard after its forward, also at the
+        # root (FSDP keeps a root unsharded otherwise), so its EMA update sees the shards.
+        fully_shard(root, mp_policy=mp, reshard_after_forward=True if root is teacher else None)
+        units += 1
+        for vit in dict.fromkeys(vits + [root]):
+            _register_entries(vit, register_fsdp_forward_method)
+    return units
 
 
 @torch.no_grad()
@@ -100,6 +183,23 @@ def check_ranks_in_sync(module: torch.nn.Module, device: torch.device, world: in
     for r, other in enumerate(gathered):
         if not torch.allclose(other, gathered[0], rtol=1e-6, atol=1e-6):
             raise RuntimeError(f"rank {r} parameters differ from rank 0 after training")
+
+
+@contextlib.contextmanager
+def fail_together(rank: int, world: int):
+    """A rank that raises ends its process at once (exit status 1), after printing the error with
+    its rank; it does not wait in the process group's clean-up.  Its peers, blocked in the next
+    collective, then fail on the closed connection (gloo) or are stopped by torchrun's agent, which
+    ends every worker of a job when one fails (nccl): every rank exits with the error, none hangs."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 - also KeyboardInterrupt: never leave peers waiting
+        if world <= 1 or isinstance(e, SystemExit) and not e.code:
+            raise
+        traceback.print_exc()
+        print(f"[fastmask] rank {rank}/{world} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def barrier(world: int) -> None:

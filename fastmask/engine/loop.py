@@ -13,6 +13,7 @@ checkpoint reproduces the uninterrupted run's parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from ..methods import get_method
 from ..methods.base import Method, StepState
 from . import checkpoint as ckpt_io
 from . import distributed as D
+from .auto_teacher import resolve_auto_teacher
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
@@ -145,6 +147,35 @@ class RunLog:
         self.file = self.tb = None
 
 
+def _mean_metrics(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-micro-batch metrics averaged (numbers and tensors); the first one's other values."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    out = dict(parts[0])
+    for k, v in parts[0].items():
+        vals = [p.get(k) for p in parts]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            out[k] = sum(vals) / len(vals)
+        elif all(isinstance(x, torch.Tensor) for x in vals):
+            out[k] = torch.stack([x.detach().float() for x in vals]).mean(0)
+    return out
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(method: torch.nn.Module):
+    """FSDP2: accumulate unsharded-reduced gradients locally for a micro-batch (no reduce-scatter)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    mods = [m for m in method.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_requires_gradient_sync(True, recurse=False)
+
+
 # ------------------------------------------------------------------------------------ trainer
 
 class Trainer:
@@ -157,6 +188,7 @@ class Trainer:
         # Every user mistake fails here, in one line, before anything is written (engine.preflight).
         checked = preflight(cfg, self.world, self.dist.local_rank)
         D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
+        resolve_auto_teacher(cfg, self.world, self.rank)  # method.teacher.checkpoint=auto: cached, else trained once
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)
         self.method_cls = get_method(cfg.method_name)
@@ -169,9 +201,11 @@ class Trainer:
         self.train_loader = make_loader(cfg, "train", self.method_cls.pipeline, shard_id=self.rank,
                                         num_shards=self.world, device=self.device)
         self.num_classes = num_classes(self.train_loader)
-        self.steps_per_epoch = len(self.train_loader)
+        self.accum = cfg.optim.accum_steps
+        self.steps_per_epoch = len(self.train_loader) // self.accum  # a last partial step is dropped
         if self.steps_per_epoch < 1:
-            raise RuntimeError("the training loader yields no batch (dataset smaller than one batch?)")
+            raise RuntimeError(f"the training loader yields {len(self.train_loader)} batches, fewer than "
+                               f"optim.accum_steps={self.accum} (dataset smaller than one step?)")
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
         # Same init on every rank (seeded), broadcast anyway so ranks can never drift.
@@ -180,6 +214,19 @@ class Trainer:
         random.seed(cfg.seed)
         self.method: Method = self.method_cls(cfg, self.num_classes).to(self.device)
         D.broadcast_module(self.method)
+        if cfg.compile:
+            compile_in_place(self.method)
+        # What runs the step: the method itself, or DDP around its trained modules; FSDP shards in place.
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        self.ddp = None
+        if self.fsdp:
+            D.shard_fsdp(self.method, cfg.fsdp_mixed_precision)
+            if cfg.fsdp_mixed_precision and self.amp_dtype is None:
+                # bf16 parameters meet float32 tensors between FSDP units (heads, losses): autocast
+                # is what makes them agree (on a GPU amp=auto is bf16 already).
+                self.amp_dtype = torch.bfloat16
+        elif self.world > 1:
+            self.ddp = D.wrap_ddp(self.method, cfg.ddp_bucket_mb)
         self.trainable = [p for g in self.method.param_groups(0.0) for p in g["params"]]
 
         self.global_batch = self._global_batch_size()
@@ -190,9 +237,6 @@ class Trainer:
         self.optimizer = make_optimizer(self.method.param_groups(cfg.optim.weight_decay, cfg.optim.decay_groups),
                                         self.peak_lr, tuple(cfg.optim.betas), self.device, cfg.optim.optimizer.lower())
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-
-        if cfg.compile:
-            compile_in_place(self.method)
 
         self.guard = NonFiniteGuard(cfg.nonfinite_max_consecutive, enabled=cfg.skip_nonfinite)
         self._old_value_checks = None
@@ -229,7 +273,7 @@ class Trainer:
             bs = getattr(self.train_loader, "batch_size", None)
         if bs is None:
             raise RuntimeError("cannot tell the batch size (DataConfig.batch_size or loader.batch_size)")
-        return int(bs) * self.world
+        return int(bs) * self.world * self.accum
 
     def _open_output_dir(self, checked) -> None:
         """Rank 0, after every check and set-up step: --overwrite clears the previous run's files;
@@ -252,9 +296,8 @@ class Trainer:
             return
         if self.steps_per_epoch != checked.steps_per_epoch:  # the loader and the preflight disagree: a bug
             ckpt_io.check_compatible(ckpt, path, self.cfg, self.steps_per_epoch)
-        try:
-            self.method.load_state_dict(ckpt["method"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:  # full state dicts, whatever world size or parallelism wrote them
+            ckpt_io.load_full_state(self.method, self.optimizer, ckpt["method"], ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"resume: checkpoint {path} does not fit this run's model/optimizer "
                              f"({str(e).splitlines()[0][:160]}); resume with the run's own settings") from None
@@ -279,16 +322,18 @@ class Trainer:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, rng)
             rng = {k: v for d in gathered for k, v in d.items()}
+        model_state, optim_state = ckpt_io.full_state(self.method, self.optimizer)
         if self.is_main:
             ckpt_io.atomic_save({
-                "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "method": model_state,
+                "optimizer": optim_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step,
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "loader_epoch": epoch,
                 "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world,
                 "rng": rng,
                 "last_eval": self.last_eval,
                 "nonfinite": self.guard.state_dict(),
@@ -311,28 +356,42 @@ class Trainer:
         return lr, wd, momentum
 
     def _backward(self, loss: torch.Tensor) -> None:
+        if self.accum > 1:
+            loss = loss / self.accum  # the mean over micro-batches, as over one large batch
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
-    def _step_state(self, epoch: int, lr: float, wd: float, momentum: float) -> StepState:
-        # Everything random inside the step is a function of (seed, step, rank): exact resume.
-        cfg, step = self.cfg, self.step
-        torch.manual_seed(step_seed(cfg.seed, step, self.rank))
+    def _step_state(self, epoch: int, lr: float, wd: float, momentum: float, micro: int = 0) -> StepState:
+        # Everything random inside the step is a function of (seed, step, slice of the global batch):
+        # exact resume.  Micro-batch m of rank r is slice m * world + r, so 1 process accumulating
+        # 2 micro-batches draws what 2 processes draw.
+        cfg, step, part = self.cfg, self.step, micro * self.world + self.rank
+        torch.manual_seed(step_seed(cfg.seed, step, part))
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(step_seed(cfg.seed, step, self.rank, "mask"))
+        gen.manual_seed(step_seed(cfg.seed, step, part, "mask"))
         return StepState(
             epoch=epoch, step=step, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
             progress=step / self.total_steps, lr=lr, wd=wd, teacher_momentum=momentum,
             backward=self._backward, device=self.device, generator=gen, amp_dtype=self.amp_dtype,
             freeze_last_layer=epoch < cfg.optim.freeze_last_layer_epochs, rank=self.rank,
-            world_size=self.world)
+            world_size=self.world, defer_last_backward=True)
 
     def _clip_gradients(self) -> Optional[torch.Tensor]:
         if self.cfg.optim.clip_grad > 0:
-            return clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+            norm = clip_gradients(self.trainable, self.cfg.optim.clip_grad, self.cfg.optim.clip_mode)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         return None
+
+    def _forward_backward(self, batch, state: StepState):
+        """One micro-batch: the method's step (through DDP when there is one) and the backward of
+        the loss it returns.  ``sync``: False on all but the last micro-batch of an accumulated step."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss, metrics = self.ddp(batch, state) if self.ddp is not None else self.method.training_step(batch, state)
+        self._backward(loss)
+        return loss, metrics
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
@@ -342,21 +401,39 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def train_step(self, batch, epoch: int) -> Dict[str, Any]:
+    def _no_sync(self, last: bool):
+        """Gradient sync only on the last micro-batch of a step (DDP's no_sync, FSDP2's
+        set_requires_gradient_sync): one averaged gradient per optimizer step."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        if self.ddp is not None:
+            return self.ddp.no_sync()
+        return _fsdp_no_sync(self.method)
+
+    def train_step(self, batches, epoch: int) -> Dict[str, Any]:
+        """One optimizer step over ``batches`` (``optim.accum_steps`` micro-batches; one batch is
+        accepted when accum_steps is 1)."""
+        if not isinstance(batches, list) or self.accum == 1 and len(batches) != 1:
+            batches = [batches]
+        if len(batches) != self.accum:
+            raise ValueError(f"train_step needs optim.accum_steps={self.accum} micro-batches, got {len(batches)}")
         lr, wd, momentum = self.schedules(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group.get("apply_wd", group["weight_decay"] > 0):
                 group["weight_decay"] = wd
-        state = self._step_state(epoch, lr, wd, momentum)
         self.method.train()
         self.guard.save_buffers(self.method)  # a skipped step restores them (BatchNorm statistics)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            loss, metrics = self.method.training_step(batch, state)
-        if not self.method_cls.manual_backward:
-            self._backward(loss)
-        D.all_reduce_grads(self.trainable, self.world)
+        losses, parts = [], []
+        for micro, batch in enumerate(batches):
+            state = self._step_state(epoch, lr, wd, momentum, micro)
+            with self._no_sync(last=micro == len(batches) - 1):
+                loss, metrics = self._forward_backward(batch, state)
+            losses.append(loss.detach())
+            parts.append(metrics or {})
+        metrics = _mean_metrics(parts)
+        loss = metrics.pop("loss", None)
+        loss = torch.stack(losses).mean() if loss is None else loss
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
@@ -373,16 +450,18 @@ class Trainer:
             self.guard.skip(self.optimizer, self.scaler)
         self.step += 1
         return {"loss": loss.detach(), "lr": lr, "wd": wd, "teacher_momentum": momentum,
-                "grad_norm": grad_norm, "stepped": stepped, **self.guard.metrics(), **(metrics or {})}
+                "grad_norm": grad_norm, "stepped": stepped, **self.guard.metrics(), **metrics}
 
     # -------------------------------------------------------------------------------- eval
     def evaluate(self, epoch: int) -> Dict[str, float]:
         """k-NN accuracy and attention maps on rank 0, the result shared with every rank."""
         D.barrier(self.world)
         result: Dict[str, float] = {}
-        if self.is_main:
+        if self.is_main or self.fsdp:  # sharded networks: every rank takes part in every forward
             result = evaluate(self.cfg, self.method, device=self.device, amp_dtype=self.amp_dtype,
-                              num_classes=self.num_classes, out_dir=self.out_dir, epoch=epoch)
+                              num_classes=self.num_classes, out_dir=self.out_dir, epoch=epoch,
+                              write_images=self.is_main)
+        if self.is_main:
             self.log({"event": "eval", "epoch": epoch + 1, "step": self.step, **result})
         if self.world > 1:
             obj = [result]
@@ -406,21 +485,33 @@ class Trainer:
             if self.step >= stop_at:
                 break
             set_loader_epoch(self.train_loader, epoch)
-            skip = self.batch_in_epoch if epoch == self.start_epoch else 0
-            done_in_epoch = skip
+            # batch_in_epoch counts optimizer steps (global batches), whatever the world size or
+            # accumulation that wrote it: a resumed run skips that many steps' loader batches.
+            skip = (self.batch_in_epoch if epoch == self.start_epoch else 0) * self.accum
+            done_in_epoch = skip // self.accum
             t_epoch = time.perf_counter()
             epoch_images = 0
-            for batch_idx, batch in enumerate(self.train_loader):
+            micro_batches = []
+            first = 0
+            if skip and hasattr(self.train_loader, "set_start_batch"):
+                self.train_loader.set_start_batch(skip)  # sharded loaders skip without reading
+                first = skip
+            for batch_idx, batch in enumerate(self.train_loader, start=first):
                 if batch_idx < skip:
                     continue  # resumed mid-epoch: the loader's order is a function of (seed, epoch)
-                batch = to_device(batch, self.device)
-                n_img = batch_size(batch) * self.world
-                out = self.train_step(batch, epoch)
+                if done_in_epoch >= self.steps_per_epoch:
+                    break  # the last batches do not fill an accumulated step
+                micro_batches.append(to_device(batch, self.device))
+                if len(micro_batches) < self.accum:
+                    continue
+                n_img = sum(batch_size(b) for b in micro_batches) * self.world
+                out = self.train_step(micro_batches, epoch)
+                micro_batches = []
                 if self._old_value_checks is None:
                     from .. import ops
 
                     self._old_value_checks = ops.set_value_checks(cfg.value_checks)
-                done_in_epoch = batch_idx + 1
+                done_in_epoch += 1
                 if out.pop("stepped"):  # skipped steps' (non-finite) losses stay out of the average
                     loss_sum = out["loss"] if loss_sum is None else loss_sum + out["loss"]
                     n_loss += 1
@@ -468,7 +559,7 @@ class Trainer:
                 self.save_checkpoint(epoch + 1, 0)
         if bar is not None:
             bar.close()
-        D.check_ranks_in_sync(self.method, self.device, self.world)
+        D.check_ranks_in_sync(self.method, self.device, self.world if not self.fsdp else 1)  # shards differ
         wall = time.perf_counter() - t_run
         summary = {"event": "end", "step": self.step, "epoch": epoch + 1, "wall_seconds": wall,
                    **self.last_eval, "final_loss": last.get("loss")}
@@ -499,4 +590,5 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run one training from a checked config; returns the final summary (incl. k-NN accuracy)."""
-    return Trainer(cfg).fit()
+    with D.fail_together(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))):
+        return Trainer(cfg).fit()

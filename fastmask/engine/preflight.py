@@ -160,6 +160,15 @@ def _check_data_source(cfg, world: int) -> int:
         root = resolve_data_root(cfg.data)
     except ValueError as e:  # builtin:unknown, bad builtin option
         raise UsageError(f"{where}: {e}") from None
+    from ..data.webdataset import ShardedPlan, is_shard_split, scan_shards
+
+    if is_shard_split(root, "train"):  # webdataset .tar shards: whole tars per rank
+        try:
+            split, val = scan_shards(root, "train"), scan_shards(root, "val")
+            plan = ShardedPlan(split.shard_sizes, int(cfg.data.batch_size), 0, world, cfg.seed, True, True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{where}: {e}") from None
+        return len(plan)
     try:
         split = scan_image_folder(root, "train", validate=cfg.data.validate, cache_dir=cfg.data.cache_dir)
         val = scan_image_folder(root, "val", validate=cfg.data.validate, cache_dir=cfg.data.cache_dir)
@@ -173,7 +182,11 @@ def _check_data_source(cfg, world: int) -> int:
         plan = ShardPlan(len(split.files), int(cfg.data.batch_size), 0, world, cfg.seed, True, True)
     except ValueError as e:
         raise UsageError(f"{where}: {e}; lower data.batch_size") from None
-    return len(plan)
+    accum = cfg.optim.accum_steps
+    if len(plan) < accum:
+        raise UsageError(f"{where}: {len(plan)} batch(es) per process and epoch, fewer than optim.accum_steps={accum}; "
+                         f"lower data.batch_size or optim.accum_steps")
+    return len(plan) // accum
 
 
 def _check_output_dir(cfg) -> Optional[str]:
@@ -205,19 +218,24 @@ def _check_resume(cfg, path: str, steps_per_epoch: int, world: int) -> Dict[str,
     ckpt = read_checkpoint_or_explain(path)
     saved = ckpt.get("config") or {}
     hint = f" (resume with the run's own settings, or start a new run with another --output-dir)"
+    # Another world size or accumulation is fine (full state dicts, per-step seeds) as long as the
+    # global batch, data.batch_size x processes x optim.accum_steps, is the same.
     saved_bs = (saved.get("data") or {}).get("batch_size")
-    if saved_bs is not None and int(saved_bs) != int(cfg.data.batch_size):
-        raise UsageError(f"resume: checkpoint {path} was trained with data.batch_size={saved_bs}, this run has "
-                         f"data.batch_size={cfg.data.batch_size}{hint}")
+    rng = ckpt.get("rng")
+    saved_world = int(ckpt.get("world_size") or (len(rng) if isinstance(rng, dict) and rng else 1))
+    saved_accum = int((saved.get("optim") or {}).get("accum_steps", 1))
+    if saved_bs is not None:
+        before = int(saved_bs) * saved_world * saved_accum
+        now = int(cfg.data.batch_size) * world * cfg.optim.accum_steps
+        if before != now:
+            raise UsageError(f"resume: checkpoint {path} was trained with a global batch of {before} (data.batch_size="
+                             f"{saved_bs} x {saved_world} process(es) x optim.accum_steps={saved_accum}), this run has "
+                             f"{now} (data.batch_size={cfg.data.batch_size} x {world} x {cfg.optim.accum_steps}){hint}")
     saved_model = saved.get("model") or {}
     for k in ("arch", "patch_size", "img_size", "depth", "embed_dim", "num_heads"):
         if k in saved_model and saved_model[k] != getattr(cfg.model, k):
             raise UsageError(f"resume: checkpoint {path} has model.{k}={saved_model[k]!r}, this run has "
                              f"model.{k}={getattr(cfg.model, k)!r}{hint}")
-    rng = ckpt.get("rng")
-    if isinstance(rng, dict) and rng and len(rng) != world:
-        raise UsageError(f"resume: checkpoint {path} was written by {len(rng)} process(es), this run has {world}; "
-                         f"exact resume needs the same world size")
     try:
         check_compatible(ckpt, path, cfg, steps_per_epoch)
     except ConfigError as e:

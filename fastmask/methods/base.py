@@ -14,6 +14,8 @@ Protocol (see ``fastmask/train.py`` for the caller):
 * ``__init__(cfg, num_classes)``: build networks from ``cfg.model`` and options from ``cfg.method``.
 * ``training_step(batch, state) -> (loss, metrics)``: ``batch`` is what the loader yields, already on
   the device: ``(crops: list[Tensor], labels)`` for multicrop, ``(images, labels)`` for supervised.
+  The driver back-propagates ``loss``; a ``manual_backward`` method under ``state.defer_last_backward``
+  returns the part it has not back-propagated and the total as ``metrics["loss"]``.
 * ``cancel_last_layer_grads(state)``: called after backward (and after gradient unscaling/clipping)
   while ``state.freeze_last_layer`` is True, i.e. during the first ``optim.freeze_last_layer_epochs``.
 * ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
@@ -60,6 +62,10 @@ class StepState:
     freeze_last_layer: bool = False
     rank: int = 0
     world_size: int = 1
+    # A method that runs backward() itself for parts of its loss (``manual_backward``) returns the
+    # last part un-backpropagated when this is True: the driver's backward of it is the one that
+    # averages gradients over ranks (DDP's reducer, overlapped), the earlier ones only accumulate.
+    defer_last_backward: bool = False
 
     @property
     def epoch_float(self) -> float:
@@ -78,6 +84,10 @@ def split_decay_params(named_params, skip_names=()) -> Tuple[List[nn.Parameter],
     return decay, no_decay + skipped
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """teacher = momentum * teacher + (1 - momentum) * student, for matching parameters.
@@ -91,8 +101,9 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         s = s_params.get(name.removeprefix("module."))
         if s is None:
             continue
-        t_list.append(t.data)
-        s_list.append(s.data.to(t.dtype))
+        # FSDP2: teacher and student are sharded alike, so each rank averages its own shards.
+        t_list.append(_local(t.data))
+        s_list.append(_local(s.data).to(t.dtype))
     if t_list:
         torch._foreach_mul_(t_list, momentum)
         torch._foreach_add_(t_list, s_list, alpha=1.0 - momentum)
@@ -199,7 +210,10 @@ def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 
         kwargs["act_layer"] = tcfg.act_layer
     teacher = create_vit(tcfg.arch, patch_size=patch, img_size=img_size or student_grid[0] * patch,
                          num_classes=num_classes, **kwargs)
-    if tcfg.checkpoint:
+    if tcfg.checkpoint == "auto":  # resolved by the training driver (engine.auto_teacher); not here
+        warnings.warn(f"{method}: method.teacher.checkpoint=auto is resolved by python -m fastmask.train; built "
+                      "outside it the teacher is randomly initialised", stacklevel=3)
+    elif tcfg.checkpoint:
         load_checkpoint(teacher, os.path.expanduser(tcfg.checkpoint), key=tcfg.checkpoint_key)
     else:
         warnings.warn(f"{method} without method.teacher.checkpoint: the teacher is randomly initialised, which "

@@ -204,18 +204,19 @@ class MaskSub(Method):
             logits_main = self.student(images)
         loss_main = classification_loss(logits_main, targets, mcfg.loss)
         main_out = logits_main.detach()
+        if mcfg.sub_weight == 0:
+            # Plain supervised training (the paired baseline of MaskSub): no sub-branch to run.
+            last = mcfg.main_weight * loss_main
+            metrics = {"loss_main": loss_main.detach(), "acc_main": top1_accuracy(main_out, targets)}
+            if state.defer_last_backward:
+                return last, {"loss": last.detach(), **metrics}
+            state.backward(last)
+            return last.detach(), metrics
         if mcfg.sequential_backward:
             # Backward now: the main branch's saved activations are freed before the sub forward.
             state.backward(mcfg.main_weight * loss_main)
             loss_main = loss_main.detach()
             del logits_main
-
-        if mcfg.sub_weight == 0:
-            # Plain supervised training (the paired baseline of MaskSub): no sub-branch to run.
-            if not mcfg.sequential_backward:
-                state.backward(mcfg.main_weight * loss_main)
-            metrics = {"loss_main": loss_main.detach(), "acc_main": top1_accuracy(main_out, targets)}
-            return (mcfg.main_weight * loss_main).detach(), metrics
 
         with autocast_for(state.device, state.amp_dtype):
             logits_sub, sub_tokens = self.sub_forward(images, state.generator)
@@ -223,7 +224,9 @@ class MaskSub(Method):
         total = mcfg.main_weight * loss_main + mcfg.sub_weight * loss_sub
         # Sequential: only the sub-branch's graph is left.  Otherwise both graphs are alive here and
         # one backward runs through both (the memory-hungry baseline).
-        state.backward(mcfg.sub_weight * loss_sub if mcfg.sequential_backward else total)
+        last = mcfg.sub_weight * loss_sub if mcfg.sequential_backward else total
+        if not state.defer_last_backward:
+            state.backward(last)
 
         # Detached tensors, not floats: no device sync per step (the driver converts when it logs).
         metrics = {
@@ -232,6 +235,8 @@ class MaskSub(Method):
             "sub_tokens": float(sub_tokens),
             "acc_main": top1_accuracy(main_out, targets),
         }
+        if state.defer_last_backward:
+            return last, {"loss": total.detach(), **metrics}
         return total.detach(), metrics
 
 

@@ -83,7 +83,10 @@ class MaskedViT(VisionTransformer):
     """timm ``VisionTransformer`` with token dropping, mask tokens and the CLS attention map.
 
     Takes timm's ``VisionTransformer`` arguments (the attention layer is always
-    ``fastmask.nn.Attention``; a class token is required).  See the module docstring for the forward.
+    ``fastmask.nn.Attention``; a class token is required), or a model name first:
+    ``MaskedViT("vit_small_patch14_dinov2", **kwargs)`` is ``timm.create_model(name, **kwargs)`` converted
+    (timm's defaults, e.g. 1000 classes; see ``create_vit`` for the names).  See the module docstring
+    for the forward.
     """
 
     def __new__(cls, *args, **kwargs):
