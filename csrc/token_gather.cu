@@ -97,14 +97,23 @@ __device__ __forceinline__ Pack<scalar_t, VEC> load_row_chunk(const scalar_t* ro
 template <typename scalar_t, typename pos_t, int VEC, bool HAS_POS, bool POS_VEC>
 __global__ void gather_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ ids,
                                    const pos_t* __restrict__ pos, scalar_t* __restrict__ out, int64_t num_rows,
-                                   int64_t K, int64_t D, int64_t sxb, int64_t sxn, int64_t sxd, int64_t spn,
-                                   int64_t spd) {
+                                   int64_t K, int64_t D, int64_t N, int64_t sxb, int64_t sxn, int64_t sxd,
+                                   int64_t spn, int64_t spd) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= num_rows) return;
   const int64_t b = row / K;
   const int64_t token = ids[row];
-  const scalar_t* src = x + b * sxb + token * sxn;
   scalar_t* dst = out + row * D;
+  if (token < 0 || token >= N) {  // an id out of range (value checks off): a zero row, never a wild read
+    Pack<scalar_t, VEC> zero;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) zero.v[j] = static_cast<scalar_t>(0.0f);
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(dst + d) = zero;
+    }
+    return;
+  }
+  const scalar_t* src = x + b * sxb + token * sxn;
   for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
     Pack<scalar_t, VEC> p = load_row_chunk<scalar_t, VEC>(src, d, sxd);
     if constexpr (HAS_POS) {
@@ -176,7 +185,10 @@ __global__ void token_slots_kernel(const int64_t* __restrict__ ids, int32_t* __r
   const int64_t b = blockIdx.x;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) slot[b * N + n] = -1;
   __syncthreads();  // the -1 and the k for one token may come from different threads
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) slot[b * N + ids[b * K + k]] = static_cast<int32_t>(k);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const int64_t token = ids[b * K + k];
+    if (token >= 0 && token < N) slot[b * N + token] = static_cast<int32_t>(k);  // out of range: dropped
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,18 +405,18 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& ids_in, con
       constexpr int VEC = decltype(vec_c)::value;
       if (!pos.defined()) {
         gather_rows_kernel<x_t, x_t, VEC, false, false><<<launch.grid, launch.block, 0, stream>>>(
-            x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), nullptr, out.data_ptr<x_t>(), B * K, K, D, x.stride(0),
-            x.stride(1), x.stride(2), 0, 0);
+            x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), nullptr, out.data_ptr<x_t>(), B * K, K, D, x.size(1),
+            x.stride(0), x.stride(1), x.stride(2), 0, 0);
       } else {
         FM_DISPATCH_FLOATS(pos.scalar_type(), "gather_tokens_pos", [&] {
           if (pos_vectorizable<scalar_t>(pos, VEC)) {
             gather_rows_kernel<x_t, scalar_t, VEC, true, true><<<launch.grid, launch.block, 0, stream>>>(
                 x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), pos.data_ptr<scalar_t>(), out.data_ptr<x_t>(), B * K,
-                K, D, x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
+                K, D, x.size(1), x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
           } else {
             gather_rows_kernel<x_t, scalar_t, VEC, true, false><<<launch.grid, launch.block, 0, stream>>>(
                 x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), pos.data_ptr<scalar_t>(), out.data_ptr<x_t>(), B * K,
-                K, D, x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
+                K, D, x.size(1), x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
           }
         });
       }
