@@ -508,6 +508,9 @@ def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_to
     B, H, L, Dh = q.shape
     with _autocast_off(q.device.type):
         out = _sdpa(q, k, v, scale, sdpa_backend).contiguous()
+        # SDPA's CPU kernels return zeros for a NaN query; the reference and the kernels give the
+        # IEEE result, a NaN row: keep that one documented behaviour on every backend.
+        out = out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
         if not return_cls_attn:
             cls_attn = q.new_empty(B, 0, dtype=torch.float32)
         else:
