@@ -4,9 +4,11 @@
 //   gather_tokens(x[B,N,D], ids[B,K], pos_embed?[N,D])  -> [B,K,D]  (pos added in float32, rounded once)
 //   scatter_tokens(x_kept[B,K,D], ids[B,K], N, fill?[D]) -> [B,N,D]  (rows not in ids get fill or 0)
 //   apply_mask_token(x[B,N,D], mask[B,N], token[D])      -> [B,N,D]  (where(mask, token, x))
-//   random_keep(ids_keep[B,K]!, mask[B,N]!, ids_restore[B,N]!, seed): the Philox choice of
-//       reference.random_masking, written into the given tensors.
-// Autograd lives in Python (kernels/token_gather.py wraps these ops in autograd Functions).
+//   random_keep(seed[1], B, N, K) -> (ids_keep[B,K], mask[B,N], ids_restore[B,N]): the Philox choice of
+//       reference.random_keep; the seed is read from device memory (a replayed CUDA graph uses the
+//       seed drawn in that replay).
+// These are the CUDA kernels of the operators fastmask::cuda_<op>, whose schemas (the ops' one schema
+// without the backend), fakes and autograd are defined in Python (fastmask/library.py).
 //
 // The row kernels are pure copies: a warp walks one token row with the widest vector access the
 // layout allows (16 bytes when the row is contiguous and aligned), threadIdx.y picks the row.
@@ -315,8 +317,10 @@ __device__ int block_exclusive_sum(int value, int* warp_sums) {
 // a block-wide prefix sum over contiguous per-thread chunks of tokens.
 __global__ void __launch_bounds__(kKeepThreads) random_keep_kernel(int64_t* __restrict__ ids_keep,
                                                                    bool* __restrict__ mask,
-                                                                   int64_t* __restrict__ ids_restore, uint64_t seed,
-                                                                   int N, int K, int P) {
+                                                                   int64_t* __restrict__ ids_restore,
+                                                                   const int64_t* __restrict__ seed_ptr, int N, int K,
+                                                                   int P) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   extern __shared__ int64_t keys[];  // P = next power of two >= N entries
   __shared__ int warp_sums[32];
   __shared__ int64_t threshold_shared;
@@ -598,22 +602,21 @@ std::tuple<at::Tensor, at::Tensor> apply_mask_token_backward_cuda(const at::Tens
   return {grad_x, red.sum(0).to(token_dtype)};
 }
 
-void random_keep_cuda(at::Tensor ids_keep, at::Tensor mask, at::Tensor ids_restore, int64_t seed) {
-  FM_CHECK_INPUT(ids_keep);
-  FM_CHECK_INPUT(mask);
-  FM_CHECK_INPUT(ids_restore);
-  TORCH_CHECK(ids_keep.scalar_type() == at::kLong && ids_restore.scalar_type() == at::kLong,
-              "ids_keep and ids_restore must be int64");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool");
-  TORCH_CHECK(ids_keep.dim() == 2 && mask.dim() == 2 && ids_restore.sizes() == mask.sizes() &&
-                  ids_keep.size(0) == mask.size(0),
-              "expected ids_keep [B, K], mask [B, N], ids_restore [B, N]");
-  const int64_t B = mask.size(0), N = mask.size(1), K = ids_keep.size(1);
-  TORCH_CHECK(K <= N, "cannot keep more tokens than a row has");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_keep_cuda(const at::Tensor& seed, int64_t B, int64_t N,
+                                                               int64_t K) {
+  FM_CHECK_CUDA(seed);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be one int64 value");
+  TORCH_CHECK(B >= 0 && N >= 0 && K >= 0 && K <= N, "random_keep needs 0 <= keep <= num_tokens, got keep=", K,
+              " of ", N);
   TORCH_CHECK(N <= kMaxKeepTokens, "random_keep supports rows of at most ", kMaxKeepTokens, " tokens, got ", N);
   TORCH_CHECK(B * N < (int64_t{1} << 31), "random_keep uses one 32-bit Philox counter per token: B*N < 2**31");
-  if (B == 0 || N == 0) return;
-  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto options = seed.options();
+  at::Tensor ids_keep = at::empty({B, K}, options);
+  at::Tensor mask = at::empty({B, N}, options.dtype(at::kBool));
+  at::Tensor ids_restore = at::empty({B, N}, options);
+  if (B == 0 || N == 0) return {ids_keep, mask, ids_restore};
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const at::Tensor seed_c = seed.contiguous();
   int P = 1;
   while (P < N) P <<= 1;
   const size_t smem = static_cast<size_t>(P) * sizeof(int64_t);
@@ -623,25 +626,20 @@ void random_keep_cuda(at::Tensor ids_keep, at::Tensor mask, at::Tensor ids_resto
   }
   random_keep_kernel<<<static_cast<unsigned>(B), kKeepThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(), ids_restore.data_ptr<int64_t>(),
-      static_cast<uint64_t>(seed), static_cast<int>(N), static_cast<int>(K), P);
+      seed_c.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(K), P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {ids_keep, mask, ids_restore};
 }
 
 }  // namespace
 }  // namespace fastmask
 
-TORCH_LIBRARY_FRAGMENT(fastmask, m) {
-  m.def("gather_tokens(Tensor x, Tensor ids, Tensor? pos_embed) -> Tensor");
-  m.def("scatter_tokens(Tensor x_kept, Tensor ids, int num_tokens, Tensor? fill) -> Tensor");
-  m.def("apply_mask_token(Tensor x, Tensor mask, Tensor mask_token) -> Tensor");
-  m.def("random_keep(Tensor(a!) ids_keep, Tensor(b!) mask, Tensor(c!) ids_restore, int seed) -> ()");
-}
-
+// Schemas: fastmask/library.py (so that fakes and tracing work without this extension).
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
-  m.impl("gather_tokens", &fastmask::gather_tokens_cuda);
-  m.impl("scatter_tokens", &fastmask::scatter_tokens_cuda);
-  m.impl("apply_mask_token", &fastmask::apply_mask_token_cuda);
-  m.impl("random_keep", &fastmask::random_keep_cuda);
+  m.impl("cuda_gather_tokens", &fastmask::gather_tokens_cuda);
+  m.impl("cuda_scatter_tokens", &fastmask::scatter_tokens_cuda);
+  m.impl("cuda_apply_mask_token", &fastmask::apply_mask_token_cuda);
+  m.impl("cuda_random_keep", &fastmask::random_keep_cuda);
   // The fused backwards (grad_x is an empty tensor when need_x is False); their schemas and fakes are
   // defined in fastmask/library.py, as fastmask::cuda_<op>.
   m.impl("cuda_gather_tokens_backward", &fastmask::gather_tokens_backward_cuda);
