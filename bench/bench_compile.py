@@ -31,7 +31,7 @@ from tiny_methods import NO_MIX, make_batch, make_state
 TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
         "data.image_size=32", "data.local_size=16"]
 CASES = {
-    "cpu_tiny": dict(batch=16, rounds=5, methods={
+    "cpu_tiny": dict(batch=16, rounds=3, methods={
         "ibot_attmask_high": ("ibot_tiny_builtin", TINY + [
             "method.out_dim=256", "method.patch_out_dim=256", "method.head_hidden_dim=128",
             "method.head_bottleneck_dim=64", "method.mask=attmask_high"]),

@@ -288,6 +288,35 @@ def test_cuda_graph_replay_of_an_attmask_step_draws_new_masks_without_sync():
 
 
 @pytest.mark.gpu
+def test_manual_cuda_graph_capture_of_an_eager_attmask_step():
+    """torch.cuda.graph around the eager step (forward, loss, backward): each replay draws new masks
+    (the ops read seeds the default generator draws on the device) and nothing syncs."""
+    method, batch = _cuda_ibot()
+    step = compile_step(method, "none")
+    state = make_state(device="cuda")  # generator None: the default CUDA generator, graph-safe
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up: allocations, dispatch measurements, lazy inits
+            step(batch, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, _ = step(batch, state)  # gradients accumulate into the warm-up's .grad tensors
+    seen = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            graph.replay()
+            seen.append(method.policy.last.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+@pytest.mark.gpu
 def test_reduce_overhead_step_matches_the_default_mode():
     """CUDA graphs change nothing but the launches: with Inductor drawing through ATen's generator
     (fallback_random) the same seeds give the same masks, losses and gradients in both modes."""
