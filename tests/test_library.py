@@ -265,6 +265,25 @@ def test_mask_policies_compile_with_no_graph_break(name):
     torch._dynamo.reset()
 
 
+def test_export_keeps_the_operators():
+    """torch.export sees each op as one fastmask:: operator (the seed an input of the program)."""
+
+    class Step(torch.nn.Module):
+        def forward(self, x, q, seed):
+            masked = ops.random_masking(x, 0.5, seed=seed, backend="torch")
+            out, cls = ops.attention(q, q, q, return_cls_attn=True, backend="torch")
+            return masked.x_kept, out, ops.cls_attention_mask(cls, 0.3, mode="hint", show_ratio=0.05, seed=seed,
+                                                              backend="torch")
+
+    args = (torch.randn(2, 16, 8), torch.randn(2, 2, 17, 8), seed_tensor(seed=3))
+    program = torch.export.export(Step(), args)
+    targets = [str(n.target) for n in program.graph.nodes if "fastmask" in str(n.target)]
+    assert targets == ["fastmask.random_keep.default", "fastmask.gather_tokens.default", "fastmask.attention.default",
+                       "fastmask.cls_attention_mask.default"]
+    for got, want in zip(program.module()(*args), Step()(*args)):
+        assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------------
 # meta device
 # --------------------------------------------------------------------------------------------
