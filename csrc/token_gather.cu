@@ -4,9 +4,11 @@
 //   gather_tokens(x[B,N,D], ids[B,K], pos_embed?[N,D])  -> [B,K,D]  (pos added in float32, rounded once)
 //   scatter_tokens(x_kept[B,K,D], ids[B,K], N, fill?[D]) -> [B,N,D]  (rows not in ids get fill or 0)
 //   apply_mask_token(x[B,N,D], mask[B,N], token[D])      -> [B,N,D]  (where(mask, token, x))
-//   random_keep(ids_keep[B,K]!, mask[B,N]!, ids_restore[B,N]!, seed): the Philox choice of
-//       reference.random_masking, written into the given tensors.
-// Autograd lives in Python (kernels/token_gather.py wraps these ops in autograd Functions).
+//   random_keep(seed[1], B, N, K) -> (ids_keep[B,K], mask[B,N], ids_restore[B,N]): the Philox choice of
+//       reference.random_keep; the seed is read from device memory (a replayed CUDA graph uses the
+//       seed drawn in that replay).
+// These are the CUDA kernels of the operators fastmask::cuda_<op>, whose schemas (the ops' one schema
+// without the backend), fakes and autograd are defined in Python (fastmask/library.py).
 //
 // The row kernels are pure copies: a warp walks one token row with the widest vector access the
 // layout allows (16 bytes when the row is contiguous and aligned), threadIdx.y picks the row.
@@ -95,14 +97,23 @@ __device__ __forceinline__ Pack<scalar_t, VEC> load_row_chunk(const scalar_t* ro
 template <typename scalar_t, typename pos_t, int VEC, bool HAS_POS, bool POS_VEC>
 __global__ void gather_rows_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ ids,
                                    const pos_t* __restrict__ pos, scalar_t* __restrict__ out, int64_t num_rows,
-                                   int64_t K, int64_t D, int64_t sxb, int64_t sxn, int64_t sxd, int64_t spn,
-                                   int64_t spd) {
+                                   int64_t K, int64_t D, int64_t N, int64_t sxb, int64_t sxn, int64_t sxd,
+                                   int64_t spn, int64_t spd) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= num_rows) return;
   const int64_t b = row / K;
   const int64_t token = ids[row];
-  const scalar_t* src = x + b * sxb + token * sxn;
   scalar_t* dst = out + row * D;
+  if (token < 0 || token >= N) {  // an id out of range (value checks off): a zero row, never a wild read
+    Pack<scalar_t, VEC> zero;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) zero.v[j] = static_cast<scalar_t>(0.0f);
+    for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
+      *reinterpret_cast<Pack<scalar_t, VEC>*>(dst + d) = zero;
+    }
+    return;
+  }
+  const scalar_t* src = x + b * sxb + token * sxn;
   for (int64_t d = static_cast<int64_t>(threadIdx.x) * VEC; d < D; d += static_cast<int64_t>(blockDim.x) * VEC) {
     Pack<scalar_t, VEC> p = load_row_chunk<scalar_t, VEC>(src, d, sxd);
     if constexpr (HAS_POS) {
@@ -174,7 +185,10 @@ __global__ void token_slots_kernel(const int64_t* __restrict__ ids, int32_t* __r
   const int64_t b = blockIdx.x;
   for (int64_t n = threadIdx.x; n < N; n += blockDim.x) slot[b * N + n] = -1;
   __syncthreads();  // the -1 and the k for one token may come from different threads
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) slot[b * N + ids[b * K + k]] = static_cast<int32_t>(k);
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const int64_t token = ids[b * K + k];
+    if (token >= 0 && token < N) slot[b * N + token] = static_cast<int32_t>(k);  // out of range: dropped
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -303,8 +317,10 @@ __device__ int block_exclusive_sum(int value, int* warp_sums) {
 // a block-wide prefix sum over contiguous per-thread chunks of tokens.
 __global__ void __launch_bounds__(kKeepThreads) random_keep_kernel(int64_t* __restrict__ ids_keep,
                                                                    bool* __restrict__ mask,
-                                                                   int64_t* __restrict__ ids_restore, uint64_t seed,
-                                                                   int N, int K, int P) {
+                                                                   int64_t* __restrict__ ids_restore,
+                                                                   const int64_t* __restrict__ seed_ptr, int N, int K,
+                                                                   int P) {
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   extern __shared__ int64_t keys[];  // P = next power of two >= N entries
   __shared__ int warp_sums[32];
   __shared__ int64_t threshold_shared;
@@ -389,18 +405,18 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& ids_in, con
       constexpr int VEC = decltype(vec_c)::value;
       if (!pos.defined()) {
         gather_rows_kernel<x_t, x_t, VEC, false, false><<<launch.grid, launch.block, 0, stream>>>(
-            x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), nullptr, out.data_ptr<x_t>(), B * K, K, D, x.stride(0),
-            x.stride(1), x.stride(2), 0, 0);
+            x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), nullptr, out.data_ptr<x_t>(), B * K, K, D, x.size(1),
+            x.stride(0), x.stride(1), x.stride(2), 0, 0);
       } else {
         FM_DISPATCH_FLOATS(pos.scalar_type(), "gather_tokens_pos", [&] {
           if (pos_vectorizable<scalar_t>(pos, VEC)) {
             gather_rows_kernel<x_t, scalar_t, VEC, true, true><<<launch.grid, launch.block, 0, stream>>>(
                 x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), pos.data_ptr<scalar_t>(), out.data_ptr<x_t>(), B * K,
-                K, D, x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
+                K, D, x.size(1), x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
           } else {
             gather_rows_kernel<x_t, scalar_t, VEC, true, false><<<launch.grid, launch.block, 0, stream>>>(
                 x.data_ptr<x_t>(), ids.data_ptr<int64_t>(), pos.data_ptr<scalar_t>(), out.data_ptr<x_t>(), B * K,
-                K, D, x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
+                K, D, x.size(1), x.stride(0), x.stride(1), x.stride(2), pos.stride(0), pos.stride(1));
           }
         });
       }
@@ -586,22 +602,21 @@ std::tuple<at::Tensor, at::Tensor> apply_mask_token_backward_cuda(const at::Tens
   return {grad_x, red.sum(0).to(token_dtype)};
 }
 
-void random_keep_cuda(at::Tensor ids_keep, at::Tensor mask, at::Tensor ids_restore, int64_t seed) {
-  FM_CHECK_INPUT(ids_keep);
-  FM_CHECK_INPUT(mask);
-  FM_CHECK_INPUT(ids_restore);
-  TORCH_CHECK(ids_keep.scalar_type() == at::kLong && ids_restore.scalar_type() == at::kLong,
-              "ids_keep and ids_restore must be int64");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool");
-  TORCH_CHECK(ids_keep.dim() == 2 && mask.dim() == 2 && ids_restore.sizes() == mask.sizes() &&
-                  ids_keep.size(0) == mask.size(0),
-              "expected ids_keep [B, K], mask [B, N], ids_restore [B, N]");
-  const int64_t B = mask.size(0), N = mask.size(1), K = ids_keep.size(1);
-  TORCH_CHECK(K <= N, "cannot keep more tokens than a row has");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> random_keep_cuda(const at::Tensor& seed, int64_t B, int64_t N,
+                                                               int64_t K) {
+  FM_CHECK_CUDA(seed);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be one int64 value");
+  TORCH_CHECK(B >= 0 && N >= 0 && K >= 0 && K <= N, "random_keep needs 0 <= keep <= num_tokens, got keep=", K,
+              " of ", N);
   TORCH_CHECK(N <= kMaxKeepTokens, "random_keep supports rows of at most ", kMaxKeepTokens, " tokens, got ", N);
   TORCH_CHECK(B * N < (int64_t{1} << 31), "random_keep uses one 32-bit Philox counter per token: B*N < 2**31");
-  if (B == 0 || N == 0) return;
-  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto options = seed.options();
+  at::Tensor ids_keep = at::empty({B, K}, options);
+  at::Tensor mask = at::empty({B, N}, options.dtype(at::kBool));
+  at::Tensor ids_restore = at::empty({B, N}, options);
+  if (B == 0 || N == 0) return {ids_keep, mask, ids_restore};
+  const c10::cuda::CUDAGuard guard(seed.device());
+  const at::Tensor seed_c = seed.contiguous();
   int P = 1;
   while (P < N) P <<= 1;
   const size_t smem = static_cast<size_t>(P) * sizeof(int64_t);
@@ -611,25 +626,20 @@ void random_keep_cuda(at::Tensor ids_keep, at::Tensor mask, at::Tensor ids_resto
   }
   random_keep_kernel<<<static_cast<unsigned>(B), kKeepThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       ids_keep.data_ptr<int64_t>(), mask.data_ptr<bool>(), ids_restore.data_ptr<int64_t>(),
-      static_cast<uint64_t>(seed), static_cast<int>(N), static_cast<int>(K), P);
+      seed_c.data_ptr<int64_t>(), static_cast<int>(N), static_cast<int>(K), P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {ids_keep, mask, ids_restore};
 }
 
 }  // namespace
 }  // namespace fastmask
 
-TORCH_LIBRARY_FRAGMENT(fastmask, m) {
-  m.def("gather_tokens(Tensor x, Tensor ids, Tensor? pos_embed) -> Tensor");
-  m.def("scatter_tokens(Tensor x_kept, Tensor ids, int num_tokens, Tensor? fill) -> Tensor");
-  m.def("apply_mask_token(Tensor x, Tensor mask, Tensor mask_token) -> Tensor");
-  m.def("random_keep(Tensor(a!) ids_keep, Tensor(b!) mask, Tensor(c!) ids_restore, int seed) -> ()");
-}
-
+// Schemas: fastmask/library.py (so that fakes and tracing work without this extension).
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
-  m.impl("gather_tokens", &fastmask::gather_tokens_cuda);
-  m.impl("scatter_tokens", &fastmask::scatter_tokens_cuda);
-  m.impl("apply_mask_token", &fastmask::apply_mask_token_cuda);
-  m.impl("random_keep", &fastmask::random_keep_cuda);
+  m.impl("cuda_gather_tokens", &fastmask::gather_tokens_cuda);
+  m.impl("cuda_scatter_tokens", &fastmask::scatter_tokens_cuda);
+  m.impl("cuda_apply_mask_token", &fastmask::apply_mask_token_cuda);
+  m.impl("cuda_random_keep", &fastmask::random_keep_cuda);
   // The fused backwards (grad_x is an empty tensor when need_x is False); their schemas and fakes are
   // defined in fastmask/library.py, as fastmask::cuda_<op>.
   m.impl("cuda_gather_tokens_backward", &fastmask::gather_tokens_backward_cuda);

@@ -477,6 +477,29 @@ def _sdpa(q, k, v, scale: float, sdpa_backend: Optional[str]):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _cls_row_fake(q, k, scale, num_prefix_tokens, backend):
+    return q.new_empty(q.shape[0], q.shape[2] - num_prefix_tokens, dtype=torch.float32)
+
+
+def _cls_row_impl(q, k, scale: float, num_prefix_tokens: int, backend: str) -> torch.Tensor:
+    """The head-mean CLS attention row over the patch keys, [B, L - p] float32, beside any attention."""
+    if backend == "triton":
+        return _kernels("cls_row").cls_row(q, k, scale, num_prefix_tokens)
+    if backend == "torch":
+        with _autocast_off(q.device.type):
+            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
+            return torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+    raise ValueError(f"cls_row: unknown backend {backend!r}; expected 'torch' or 'triton'")
+
+
+cls_row = _define(
+    "cls_row", "(Tensor q, Tensor k, float scale, int num_prefix_tokens, str backend) -> Tensor",
+    _cls_row_impl, _cls_row_fake,
+)
+# The map is an export (AttMask, MaskedKD): it carries no gradient.
+cls_row.register_autograd(lambda ctx, grad: (None,) * 5, setup_context=lambda ctx, inputs, output: None)
+
+
 def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int,
                      sdpa_backend: Optional[str] = None, cls_kernel: bool = False):
     """The torch backend: ``out`` from ``F.scaled_dot_product_attention`` (pinned to ``sdpa_backend``
@@ -485,13 +508,13 @@ def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_to
     B, H, L, Dh = q.shape
     with _autocast_off(q.device.type):
         out = _sdpa(q, k, v, scale, sdpa_backend).contiguous()
+        # SDPA's CPU kernels return zeros for a NaN query; the reference and the kernels give the
+        # IEEE result, a NaN row: keep that one documented behaviour on every backend.
+        out = out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
         if not return_cls_attn:
             cls_attn = q.new_empty(B, 0, dtype=torch.float32)
-        elif cls_kernel:
-            cls_attn = _kernels("cls_row").cls_row(q, k, scale, num_prefix_tokens)
         else:
-            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
-            cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+            cls_attn = cls_row(q.detach(), k.detach(), scale, num_prefix_tokens, "triton" if cls_kernel else "torch")
     return out, cls_attn, q.new_empty(0, dtype=torch.float32)
 
 

@@ -92,14 +92,15 @@ def _round_float32_to(vals, dtype: tl.constexpr):
 @triton.jit
 def _gather_rows_kernel(
     src_ptr, ids_ptr, pos_ptr, out_ptr,
-    num_rows, K, D,
+    num_rows, K, D, N,
     stride_sb, stride_sn, stride_sd,
     stride_ib, stride_ik,
     stride_pn, stride_pd,
     stride_ob, stride_ok,
     HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32)."""
+    """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32); an id outside
+    [0, N) (value checks off) gives a zero row, never a read out of bounds."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
@@ -107,17 +108,20 @@ def _gather_rows_kernel(
     k = (rows % K).to(tl.int64)
     token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=row_ok, other=0)
     m = row_ok[:, None] & (cols < D)[None, :]
-    vals = tl.load(src_ptr + (b * stride_sb + token * stride_sn)[:, None] + cols[None, :] * stride_sd, mask=m)
+    read = m & ((token >= 0) & (token < N))[:, None]
+    vals = tl.load(src_ptr + (b * stride_sb + token * stride_sn)[:, None] + cols[None, :] * stride_sd, mask=read,
+                   other=0.0)
     if HAS_POS:
         # Same numerics as the reference: add in float32, round once to the output dtype.
-        pos = tl.load(pos_ptr + (token * stride_pn)[:, None] + cols[None, :] * stride_pd, mask=m)
+        pos = tl.load(pos_ptr + (token * stride_pn)[:, None] + cols[None, :] * stride_pd, mask=read, other=0.0)
         vals = _round_float32_to(vals.to(tl.float32) + pos.to(tl.float32), out_ptr.dtype.element_ty)
     tl.store(out_ptr + (b * stride_ob + k * stride_ok)[:, None] + cols[None, :], vals, mask=m)
 
 
 @triton.jit
 def _token_slots_kernel(ids_ptr, slot_ptr, N, K, stride_ib, stride_ik, BLOCK: tl.constexpr):
-    """slot[b, n] = k where ids[b, k] == n, else -1 (one program per row b)."""
+    """slot[b, n] = k where ids[b, k] == n, else -1 (one program per row b); ids outside [0, N)
+    (value checks off) are dropped, never written out of bounds."""
     b = tl.program_id(0).to(tl.int64)
     for n0 in range(0, N, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
@@ -127,7 +131,7 @@ def _token_slots_kernel(ids_ptr, slot_ptr, N, K, stride_ib, stride_ik, BLOCK: tl
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=k < K, other=0)
-        tl.store(slot_ptr + b * N + token, k.to(tl.int32), mask=k < K)
+        tl.store(slot_ptr + b * N + token, k.to(tl.int32), mask=(k < K) & (token >= 0) & (token < N))
 
 
 @triton.jit
@@ -326,7 +330,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
     wrap_triton(_gather_rows_kernel)[grid](
         x, ids, pos if pos is not None else x, out,
-        B * K, K, D,
+        B * K, K, D, N,
         x.stride(0), x.stride(1), x.stride(2),
         ids.stride(0), ids.stride(1),
         pos.stride(0) if pos is not None else 0, pos.stride(1) if pos is not None else 0,
@@ -398,7 +402,9 @@ def _reduce_tile(B: int, N: int, D: int, device: torch.device, partial: bool) ->
         return max(1, min(next_power_of_2(B), _INTERPRETER_TILE_ELEMS // (rows * block_d))), rows, block_d, 4
     block_d = min(_block_d(D), 256)
     rows = 16 if partial else 2
-    return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 4
+    # 8 warps for the partial kinds: their [16, BLOCK_D] float32 accumulator alone is 32 registers per
+    # thread at 4 warps (~185 in all on sm_90, 12% occupancy); 8 warps halve what each thread holds.
+    return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 8 if partial else 4
 
 
 def gather_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype):

@@ -280,6 +280,7 @@ def _assert_same_tensors(a, b, where=""):
 @pytest.mark.parametrize("method_name,extra", [
     ("dino", ["method.student_mask=random", "method.student_mask_mode=drop"]),
     ("ibot", ["method.mask=attmask_high", "method.patch_out_dim=64"]),
+    ("dino", ["data.batch_size=4", "optim.accum_steps=2"]),  # 2 loader batches per step
 ])
 def test_kill_and_resume_gives_the_uninterrupted_parameters(tiny_folder, tmp_path, method_name, extra):
     recipe = f"{method_name}_tiny_builtin"
