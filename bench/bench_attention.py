@@ -178,7 +178,9 @@ def dispatch_record(q, k, v, return_cls_attn):
     """What measured dispatch decided for this call's key (candidate seconds and the choice)."""
     from fastmask import dispatch
 
-    key = dispatch.make_key("attention", q, k, v, None, return_cls_attn, 1, grad=dispatch.needs_grad(q, k, v))
+    # the key ops.attention builds: its scale resolved to a float, the flags as bools
+    key = dispatch.make_key("attention", q, k, v, float(q.shape[-1] ** -0.5), bool(return_cls_attn), 1,
+                            grad=dispatch.needs_grad(q, k, v))
     for table in dispatch.report().values():
         if key in table:
             return table[key]

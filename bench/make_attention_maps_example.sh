@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 run=${RUN_DIR:-runs/attention_maps_example}
-$py -m fastmask.train output_dir=$run max_steps=${STEPS:-150} progress_bar=false
+$py -m fastmask.train --overwrite output_dir=$run max_steps=${STEPS:-150} progress_bar=false
 $py -m fastmask.eval $run/checkpoint.pt --out $run/eval.json
 $py -m fastmask.export $run/checkpoint.pt --out $run/dino_teacher.safetensors
 $py -m fastmask.attention_maps $run/checkpoint.pt --num-images 4 --image-size 64 --threshold 0.6 --mask-ratio 0.3 \

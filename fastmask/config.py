@@ -190,7 +190,8 @@ class TrainConfig:
     output_dir: str = "runs/fastmask"
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: str = "auto"  # auto / bf16 / fp16 / off: see fastmask.engine.guard.amp_policy (bf16 on native-bf16 GPUs, fp16 + loss scaling on older ones, off on CPU)
-    compile: bool = False
+    compile: str = "none"  # none | blocks | step (true = step): fastmask/engine/compile.py
+    compile_mode: str = ""  # torch.compile mode: "" (default), reduce-overhead, max-autotune, ...
     # Data parallelism under torchrun: "ddp" (replicas, bucketed all-reduce overlapped with the
     # backward) or "fsdp" (FSDP2 fully_shard per block of every network, teachers included).
     parallel: str = "ddp"
@@ -251,6 +252,12 @@ def check_train_config(cfg: TrainConfig) -> None:
     dev = cfg.device.lower()
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    from .engine.compile import resolve_compile_mode
+
+    try:
+        cfg.compile = resolve_compile_mode(cfg.compile)
+    except ValueError:
+        bad("compile", f"must be none, blocks or step (or true/false), got {cfg.compile!r}")
     if cfg.knn_k < 1:
         bad("knn_k", f"must be >= 1, got {cfg.knn_k}")
     if not cfg.knn_temperature > 0:

@@ -66,8 +66,9 @@ def value_checks(enabled: bool):
 
 def _value_checks_on(t: Optional[torch.Tensor] = None) -> bool:
     # Value checks need host syncs and data-dependent control flow, which torch.compile cannot trace;
-    # meta tensors have no values to check.
-    return _VALUE_CHECKS and not torch.compiler.is_compiling() and (t is None or t.device.type != "meta")
+    # meta tensors have no values to check.  is_compiling() first: traced code then never reads the
+    # global, so the driver turning checks off after its first step does not recompile a compiled step.
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS and (t is None or t.device.type != "meta")
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ the CPU interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -397,17 +398,10 @@ _CONFIGS = {
         ("ieee", 128): [(16, 16, 4, 1), (16, 16, 8, 1)],
     },
 }
-_CONFIG_CLASS = {}  # id(Config) -> (matrix-unit class, head-dim tile)
-
-
 def _configs(kernel: str):
-    configs = []
-    for config_class, shapes in _CONFIGS[kernel].items():
-        for bm, bn, w, st in shapes:
-            config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            _CONFIG_CLASS[id(config)] = config_class
-            configs.append(config)
-    return configs
+    """One triton.Config per distinct shape over all classes (the pruning below picks a class's)."""
+    shapes = dict.fromkeys(shape for per_class in _CONFIGS[kernel].values() for shape in per_class)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
 def _config_class(dtype: torch.dtype, precision: str, block_d: int):
@@ -415,14 +409,17 @@ def _config_class(dtype: torch.dtype, precision: str, block_d: int):
     return unit, 64 if block_d <= 64 else 128
 
 
-def _prune_by_class(configs, named_args, **kwargs):
-    """Only the configs made for this call's matrix unit (16-bit MMA, TF32 MMA, or FMA) and head-dim tile."""
-    wanted = _config_class(named_args["Q"].dtype, kwargs["DOT_PRECISION"], kwargs["BLOCK_D"])
-    return [c for c in configs if _CONFIG_CLASS.get(id(c)) == wanted]
+def _prune_by_class(kernel: str, configs, named_args, **kwargs):
+    """Only the configs made for this call's matrix unit (16-bit MMA, TF32 MMA, or FMA) and head-dim
+    tile, recognised by their shape (torch.compile hands the pruning copies of the configs)."""
+    wanted = set(_CONFIGS[kernel][_config_class(named_args["Q"].dtype, kwargs["DOT_PRECISION"], kwargs["BLOCK_D"])])
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
 
 def _tuned(kernel, which: str, key):
-    return triton.autotune(_configs(which), key=key, prune_configs_by={"early_config_prune": _prune_by_class})(kernel)
+    prune = functools.partial(_prune_by_class, which)
+    return triton.autotune(_configs(which), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def _dkdv_precision(precision: str, block_d: int) -> str:

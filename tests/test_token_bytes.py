@@ -20,6 +20,10 @@ LIMIT = 1.1
 
 @pytest.fixture(autouse=True)
 def gpu_partials(monkeypatch):
+    use_gpu_partials(monkeypatch)
+
+
+def use_gpu_partials(monkeypatch):
     """Distinct bytes do not depend on the tile shapes, except for the [programs, D] partial sums of
     the fill / mask-token gradients: their row count is taken from the GPU tiles, the rest of the
     tile is the interpreter's (wide tiles: few interpreted programs, a fast test)."""

@@ -95,7 +95,7 @@ def test_recipes_load(recipe):
     (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
     (["data.batch_size=abc"], "data.batch_size: expected an integer, got 'abc'"),
     (["model=3"], "model: expected a mapping of ModelConfig fields"),
-    (["compile=maybe"], "compile: expected true/false"),
+    (["compile=maybe"], "compile: must be none, blocks or step"),
 ])
 def test_bad_config_fails_with_clear_message(overrides, needle):
     with pytest.raises(ConfigError) as err:

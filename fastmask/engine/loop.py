@@ -34,6 +34,7 @@ from ..methods.base import Method, StepState
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .auto_teacher import resolve_auto_teacher
+from .compile import compile_step
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
@@ -82,29 +83,6 @@ def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "
         except ImportError:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-def compile_in_place(method: torch.nn.Module) -> int:
-    """torch.compile the transformer blocks and head MLPs, in place (``nn.Module.compile``).
-
-    Methods call ``forward_features``/``forward_cls`` rather than ``forward`` of their models, so the
-    modules compiled are the ones always entered through ``__call__``: every ViT block and every
-    projection MLP.  In place keeps state-dict keys, checkpoints and EMA pairing unchanged.
-    """
-    count = 0
-    for module in method.modules():
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, torch.nn.Sequential) and hasattr(module, "forward_features"):
-            for blk in blocks:
-                blk.compile()
-                count += 1
-        mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, torch.nn.Sequential) and hasattr(module, "last_layer"):
-            mlp.compile()
-            count += 1
-    if count == 0:
-        warnings.warn("compile=true: found no ViT blocks or head MLPs to compile")
-    return count
 
 
 class RunLog:
@@ -214,8 +192,6 @@ class Trainer:
         random.seed(cfg.seed)
         self.method: Method = self.method_cls(cfg, self.num_classes).to(self.device)
         D.broadcast_module(self.method)
-        if cfg.compile:
-            compile_in_place(self.method)
         # What runs the step: the method itself, or DDP around its trained modules; FSDP shards in place.
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.ddp = None
@@ -228,6 +204,9 @@ class Trainer:
         elif self.world > 1:
             self.ddp = D.wrap_ddp(self.method, cfg.ddp_bucket_mb)
         self.trainable = [p for g in self.method.param_groups(0.0) for p in g["params"]]
+        # compile=none|blocks|step: forward, loss and backward of a micro-batch (fastmask/engine/compile.py).
+        self.step_fn = compile_step(self.method, cfg.compile, compile_mode=cfg.compile_mode or None,
+                                    forward=self.ddp)
 
         self.global_batch = self._global_batch_size()
         scale = self.global_batch / 256.0 if cfg.optim.scale_lr_by_batch else 1.0
@@ -389,9 +368,7 @@ class Trainer:
         the loss it returns.  ``sync``: False on all but the last micro-batch of an accumulated step."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            loss, metrics = self.ddp(batch, state) if self.ddp is not None else self.method.training_step(batch, state)
-        self._backward(loss)
-        return loss, metrics
+            return self.step_fn(batch, state)
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
