@@ -8,9 +8,13 @@ B = 64 ... 512, bf16, with q/k/v as the strided views of one qkv projection that
 Modes: ``fwd`` (forward only, as for a teacher) and ``fwd_bwd`` (forward plus dq/dk/dv).
 
 Implementations:
-  fastmask_cls     ops.attention(return_cls_attn=True)  (the map comes with the output)
-  fastmask         ops.attention()                      (same kernel compiled without the export)
+  fastmask_cls     ops.attention(return_cls_attn=True, backend="triton")  (the map comes with the output)
+  fastmask         ops.attention(backend="triton")      (same kernel compiled without the export)
+  dispatch_cls     ops.attention(return_cls_attn=True)  measured dispatch (fastmask.dispatch): records
+  dispatch         ops.attention()                      every candidate's time and the choice
   sdpa_flash       F.scaled_dot_product_attention under sdpa_kernel(FLASH_ATTENTION)  (no map)
+  sdpa_cudnn       ... under sdpa_kernel(CUDNN_ATTENTION), sdpa_efficient under EFFICIENT_ATTENTION
+  sdpa_<b>_cls     SDPA backend <b> + the one-launch CLS-row kernel (kernels/cls_row.py) for the map
   xformers         xformers.ops.memory_efficient_attention                           (no map)
   explicit_cls     softmax(q k^T * scale) materialised, map = probs[:, :, 0, 1:].mean(1), out = probs @ v
 
@@ -22,6 +26,8 @@ What each benchmark records in ``extra_info``:
   peak_extra_mb         torch.cuda.max_memory_allocated() during one call minus what was allocated
                         before it (outputs included; for explicit_cls the [B, H, L, L] matrices)
   ratio_vs_sdpa_flash   kernel_ms / the SDPA flash kernel_ms at the same shape and mode (< 1 = faster)
+  ratio_vs_best_sdpa    kernel_ms / the fastest of SDPA cuDNN / flash / efficient (goal for dispatch: <= 1)
+  dispatch              (dispatch* only) {"choice": ..., "seconds": {candidate: s}} from ops.backends()
   cls_export_overhead   (fastmask_cls only) kernel_ms / fastmask kernel_ms - 1   (goal: <= 0.05)
   speedup_vs_explicit   (fastmask_cls only) explicit_cls kernel_ms / kernel_ms  (goal: >= 3)
 
@@ -39,7 +45,9 @@ from fastmask import ops
 MODELS = {"vit_s": 6, "vit_b": 12}
 BATCHES = (64, 128, 256, 512)
 SEQ_LEN, HEAD_DIM, DTYPE = 197, 64, torch.bfloat16
-IMPLS = ("fastmask_cls", "fastmask", "sdpa_flash", "xformers", "explicit_cls")
+SDPA = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION"}
+IMPLS = ("dispatch_cls", "dispatch", "fastmask_cls", "fastmask", *SDPA, *(f"{b}_cls" for b in SDPA), "xformers",
+         "explicit_cls")
 MODES = ("fwd", "fwd_bwd")
 
 try:  # optional dependency
@@ -61,11 +69,26 @@ def run_fastmask(q, k, v):
     return ops.attention(q, k, v, backend="triton")
 
 
-def run_sdpa_flash(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def run_dispatch_cls(q, k, v):
+    return ops.attention(q, k, v, return_cls_attn=True)
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v)
+
+def run_dispatch(q, k, v):
+    return ops.attention(q, k, v)
+
+
+def _sdpa(backend, with_cls):
+    def run(q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            out = F.scaled_dot_product_attention(q, k, v)
+        if not with_cls:
+            return out
+        from fastmask.kernels.cls_row import cls_row
+
+        return out, cls_row(q.detach(), k.detach(), q.shape[-1] ** -0.5, 1)
+    return run
 
 
 def run_xformers(q, k, v):
@@ -82,9 +105,12 @@ def run_explicit_cls(q, k, v, num_prefix_tokens=1):
 
 
 RUNNERS = {
+    "dispatch_cls": run_dispatch_cls,
+    "dispatch": run_dispatch,
     "fastmask_cls": run_fastmask_cls,
     "fastmask": run_fastmask,
-    "sdpa_flash": run_sdpa_flash,
+    **{name: _sdpa(backend, False) for name, backend in SDPA.items()},
+    **{f"{name}_cls": _sdpa(backend, True) for name, backend in SDPA.items()},
     "xformers": run_xformers,
     "explicit_cls": run_explicit_cls,
 }
@@ -128,15 +154,37 @@ def skip_reason(impl):
 
 
 def kernel_ms(impl, mode, B, H):
+    """Median ms, or None when the implementation cannot run here (e.g. an SDPA backend this GPU lacks)."""
     key = (impl, mode, B, H)
     if key not in _KERNEL_MS:
         import triton.testing
 
         q, k, v = make_inputs(B, H, SEQ_LEN, HEAD_DIM, DTYPE, torch.device("cuda"), mode == "fwd_bwd")
         call = make_call(impl, mode, q, k, v)
-        call()  # autotune / compile outside the timing
-        _KERNEL_MS[key] = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+        try:
+            call()  # autotune / compile outside the timing
+            _KERNEL_MS[key] = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+        except RuntimeError:  # "No available kernel" from sdpa_kernel, and the like
+            _KERNEL_MS[key] = None
     return _KERNEL_MS[key]
+
+
+def best_sdpa_ms(mode, B, H):
+    times = [t for t in (kernel_ms(name, mode, B, H) for name in SDPA) if t is not None]
+    return min(times) if times else None
+
+
+def dispatch_record(q, k, v, return_cls_attn):
+    """What measured dispatch decided for this call's key (candidate seconds and the choice)."""
+    from fastmask import dispatch
+
+    # the key ops.attention builds: its scale resolved to a float, the flags as bools
+    key = dispatch.make_key("attention", q, k, v, float(q.shape[-1] ** -0.5), bool(return_cls_attn), 1,
+                            grad=dispatch.needs_grad(q, k, v))
+    for table in dispatch.report().values():
+        if key in table:
+            return table[key]
+    return None
 
 
 def peak_extra_mb(call):
@@ -165,19 +213,29 @@ def test_attention(benchmark, impl, model, B, mode):
     if reason:
         pytest.skip(reason)
     H = MODELS[model]
+    ms = kernel_ms(impl, mode, B, H)
+    if ms is None:
+        pytest.skip(f"{impl} cannot run at this shape on this GPU")
     q, k, v = make_inputs(B, H, SEQ_LEN, HEAD_DIM, DTYPE, torch.device("cuda"), mode == "fwd_bwd")
     call = make_call(impl, mode, q, k, v)
     call()
     info = benchmark.extra_info
     info.update(impl=impl, mode=mode, model=model, shape=dict(B=B, H=H, L=SEQ_LEN, Dh=HEAD_DIM, dtype=str(DTYPE)))
     info["peak_extra_mb"] = round(peak_extra_mb(call), 2)
-    ms = kernel_ms(impl, mode, B, H)
     info["kernel_ms"] = round(ms, 5)
     info["tflops"] = round(attention_flops(B, H, SEQ_LEN, HEAD_DIM, mode) / (ms * 1e-3) / 1e12, 1)
-    info["ratio_vs_sdpa_flash"] = round(ms / kernel_ms("sdpa_flash", mode, B, H), 4)
-    if impl == "fastmask_cls":
-        info["cls_export_overhead"] = round(ms / kernel_ms("fastmask", mode, B, H) - 1, 4)
+    for name, ref in (("ratio_vs_sdpa_flash", kernel_ms("sdpa_flash", mode, B, H)),
+                      ("ratio_vs_best_sdpa", best_sdpa_ms(mode, B, H))):
+        if ref:
+            info[name] = round(ms / ref, 4)
+    with_cls = impl.endswith("_cls")
+    if with_cls and impl != "explicit_cls":
+        plain = kernel_ms(impl[: -len("_cls")], mode, B, H)
+        if plain:
+            info["cls_export_overhead"] = round(ms / plain - 1, 4)
         info["speedup_vs_explicit"] = round(kernel_ms("explicit_cls", mode, B, H) / ms, 3)
+    if impl.startswith("dispatch"):
+        info["dispatch"] = dispatch_record(q, k, v, with_cls)
     benchmark(timed(call))
 
 
@@ -207,3 +265,50 @@ def test_explicit_cls_map_cpu_small(benchmark):
     )
     out, cls_attn = benchmark(call)
     assert cls_attn.shape == (B, L - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# which sequence lengths hit which tile shapes (the lengths masked training feeds the attention)
+# ---------------------------------------------------------------------------------------------
+
+# 96 px local crops (37), MAE 75% / 50% / 25% kept of 196 patches + CLS (50, 99, 148), 128 px (65),
+# 224 px (197), 256 px (257).
+LENGTHS = (37, 50, 65, 99, 148, 197, 257)
+
+
+def padded_work(L, block_m, block_n, tail):
+    """Fraction of the score tiles' work spent on padding: query tiles of block_m, full key blocks of
+    block_n, then the ragged key tail in tiles of ``tail`` keys."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    keys = (L // block_n) * block_n + cdiv(L % block_n, tail) * tail
+    return 1 - L * L / (cdiv(L, block_m) * block_m * keys)
+
+
+def test_tile_shapes_per_length(benchmark):
+    """Per length: the padded fraction of every shipped bf16 forward config with the 16-key tail tiles
+    against the same config without them (what the first kernel did), and on a GPU the config the
+    autotuner picked.  Runs on the CPU too (the padding is counted, not timed)."""
+    from fastmask.kernels import cls_attention as ca
+
+    configs = ca._CONFIGS["fwd"][("mma16", 64)]
+    rows = {}
+    for L in LENGTHS:
+        per_config = {f"{bm}x{bn}/w{w}s{st}": {"padding": round(padded_work(L, bm, bn, ca._TAIL), 4),
+                                                "padding_without_tail_tiles": round(padded_work(L, bm, bn, bn), 4)}
+                      for bm, bn, w, st in configs}
+        row = {"configs": per_config,
+               "best_padding": min(c["padding"] for c in per_config.values()),
+               "first_kernel_128x128_padding": round(padded_work(L, 128, 128, 128), 4)}
+        if HAS_CUDA:
+            q, k, v = make_inputs(64, 6, L, HEAD_DIM, DTYPE, torch.device("cuda"), False)
+            ops.attention(q, k, v, return_cls_attn=True, backend="triton")
+            chosen = [cfg for key, cfg in ca._fwd.cache.items() if key[0] == L]
+            if chosen:
+                kw = chosen[0].kwargs
+                row["autotuned"] = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}/w{chosen[0].num_warps}s{chosen[0].num_stages}"
+                row["autotuned_padding"] = round(padded_work(L, kw["BLOCK_M"], kw["BLOCK_N"], ca._TAIL), 4)
+        rows[str(L)] = row
+    benchmark.extra_info["lengths"] = rows
+    benchmark.extra_info["tail_tile"] = ca._TAIL
+    assert rows["197"]["best_padding"] < rows["197"]["first_kernel_128x128_padding"]
+    benchmark(lambda: padded_work(197, 64, 64, ca._TAIL))

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 run=${RUN_DIR:-runs/analysis_example}
 steps=${STEPS:-120}
-common=(max_steps=$steps epochs=10 progress_bar=false attn_images=0 eval_every=0)
+common=(--overwrite max_steps=$steps epochs=10 progress_bar=false attn_images=0 eval_every=0)
 
 $py -m fastmask.train --config masksub_tiny_builtin output_dir=$run/teacher \
     model.depth=3 model.embed_dim=96 model.num_heads=2 "${common[@]}"

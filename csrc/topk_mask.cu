@@ -10,7 +10,8 @@
 //   * hints run the same select on Philox lane-0 keys (seed, b*N + n) among the candidates, which
 //     orders exactly like the reference's int64 key r0 * N + n;
 //   * the row gate (Philox lane 1 at offset b) is drawn first, so gated-off rows only write zeros.
-// Registered as torch.ops.fastmask.topk_tokens / cls_attention_mask.
+// The CUDA kernels of the operators fastmask::cuda_topk_tokens / cuda_cls_attention_mask (schemas, fakes:
+// fastmask/library.py).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -185,7 +186,10 @@ struct RowCount {
 template <typename scalar_t>
 __global__ void cls_attention_mask_kernel(const scalar_t* __restrict__ cls_attn, RowCount num_masked,
                                           RowCount num_shown, bool* __restrict__ mask, int N,
-                                          uint64_t seed, int64_t gate_threshold, int num_candidates, int mode) {
+                                          const int64_t* __restrict__ seed_ptr, int64_t gate_threshold,
+                                          int num_candidates, int mode) {
+  // Read from device memory: a replayed CUDA graph uses the seed drawn in that replay.
+  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   extern __shared__ uint32_t shared[];
   uint32_t* keys = shared;         // attention order keys
   uint32_t* hint_keys = shared + N;  // Philox keys (hint mode only)
@@ -301,13 +305,21 @@ RowCount row_count(const c10::optional<at::Tensor>& ratio_in, int64_t count, con
   return RowCount{keep_alive.data_ptr(), keep_alive.stride(0), keep_alive.scalar_type() == at::kDouble, 0};
 }
 
-at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional<at::Tensor>& ratio,
-                              int64_t num_masked, int64_t seed, c10::string_view mode, int64_t gate_threshold,
-                              int64_t num_candidates, const c10::optional<at::Tensor>& show_ratio,
-                              int64_t num_shown) {
+// The operator's schema (fastmask/library.py): per-row ratios when given, else one ratio for every row;
+// counts, gate threshold and hint pool computed as in reference.cls_attention_mask (truncation, like
+// Python's int()).
+at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional<at::Tensor>& ratio_per_row,
+                              double ratio, const at::Tensor& seed, c10::string_view mode, double mask_prob,
+                              double show_max, const c10::optional<at::Tensor>& show_ratio_per_row,
+                              double show_ratio) {
   check_row(cls_attn_in, "cls_attn");
+  FM_CHECK_CUDA(seed);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, "seed must be one int64 value");
   const at::Tensor cls_attn = cls_attn_in.contiguous();
   const int64_t B = cls_attn.size(0), N = cls_attn.size(1);
+  const int64_t num_masked = static_cast<int64_t>(ratio * double(N));
+  const int64_t gate_threshold = static_cast<int64_t>(mask_prob * 4294967296.0);
+  const int64_t num_candidates = static_cast<int64_t>(show_max * double(N));
   int mode_id;
   if (mode == "high") {
     mode_id = kHigh;
@@ -318,11 +330,14 @@ at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional
   } else {
     TORCH_CHECK(false, "mode must be 'high', 'low' or 'hint', got '", std::string(mode), "'");
   }
+  const int64_t num_shown = mode_id == kHint ? static_cast<int64_t>(show_ratio * double(N)) : 0;
+  const c10::optional<at::Tensor> show_per_row = mode_id == kHint ? show_ratio_per_row : c10::nullopt;
   if (B == 0 || N == 0 || gate_threshold <= 0) return at::zeros({B, N}, cls_attn.options().dtype(at::kBool));
   const c10::cuda::CUDAGuard guard(cls_attn.device());
   at::Tensor ratio_storage, show_storage;
-  const RowCount masked = row_count(ratio, num_masked, cls_attn, "ratio", ratio_storage);
-  const RowCount shown = row_count(show_ratio, num_shown, cls_attn, "show_ratio", show_storage);
+  const RowCount masked = row_count(ratio_per_row, num_masked, cls_attn, "ratio", ratio_storage);
+  const RowCount shown = row_count(show_per_row, num_shown, cls_attn, "show_ratio", show_storage);
+  const at::Tensor seed_c = seed.contiguous();
   at::Tensor mask = at::empty({B, N}, cls_attn.options().dtype(at::kBool));  // the kernel writes every element
   const size_t smem = shared_bytes(N, mode_id == kHint ? 2 : 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -331,7 +346,7 @@ at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional
     auto kernel = cls_attention_mask_kernel<scalar_t>;
     allow_shared(kernel, smem);
     kernel<<<B, threads_for(N), smem, stream>>>(cls_attn.data_ptr<scalar_t>(), masked, shown, mask.data_ptr<bool>(),
-                                                int(N), static_cast<uint64_t>(seed), gate_threshold,
+                                                int(N), seed_c.data_ptr<int64_t>(), gate_threshold,
                                                 int(num_candidates), mode_id);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -341,14 +356,8 @@ at::Tensor cls_attention_mask(const at::Tensor& cls_attn_in, const c10::optional
 }  // namespace
 }  // namespace fastmask
 
-TORCH_LIBRARY_FRAGMENT(fastmask, m) {
-  m.def("topk_tokens(Tensor scores, int k, bool largest) -> Tensor");
-  m.def(
-      "cls_attention_mask(Tensor cls_attn, Tensor? ratio, int num_masked, int seed, str mode, int gate_threshold, "
-      "int num_candidates, Tensor? show_ratio, int num_shown) -> Tensor");
-}
-
+// Schemas: fastmask/library.py (so that fakes and tracing work without this extension).
 TORCH_LIBRARY_IMPL(fastmask, CUDA, m) {
-  m.impl("topk_tokens", &fastmask::topk_tokens);
-  m.impl("cls_attention_mask", &fastmask::cls_attention_mask);
+  m.impl("cuda_topk_tokens", &fastmask::topk_tokens);
+  m.impl("cuda_cls_attention_mask", &fastmask::cls_attention_mask);
 }

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -57,7 +58,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny / vit_small / vit_base / vit_large
+    arch: str = "vit_small"  # fastmask.models.create_vit name: vit_tiny/small/base/large or any timm ViT/DeiT name
     patch_size: int = 16
     img_size: int = 224  # resolution of the global crops / training images
     drop_path_rate: float = 0.1
@@ -93,7 +94,10 @@ class TeacherConfig:
     Its patch grid is the student's: the teacher runs at ``student grid * patch_size`` pixels."""
 
     arch: str = "vit_base"  # fastmask.models.create_vit name
-    checkpoint: Optional[str] = None  # local timm-layout file; None = random init (tests / throughput only)
+    # local timm-layout file; None = random init (tests / throughput only); "auto": a teacher trained once
+    # on the run's data by the driver and cached under data.cache_dir (fastmask.engine.auto_teacher)
+    checkpoint: Optional[str] = None
+    auto_epochs: int = 10  # epochs of that teacher's supervised run (checkpoint: auto)
     checkpoint_key: Optional[str] = None  # entry of the checkpoint dict holding the weights
     patch_size: int = 0  # 0: the student's
     # Overrides of the architecture's size (0 = the arch's own), for tiny recipes.
@@ -107,8 +111,11 @@ class TeacherConfig:
         for k in ("patch_size", "depth", "embed_dim", "num_heads"):
             if getattr(self, k) < 0:
                 raise ValueError(f"method.teacher.{k} must be >= 0 (0 = default), got {getattr(self, k)}")
-        if self.checkpoint and not os.path.isfile(os.path.expanduser(self.checkpoint)):
-            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r}")
+        if self.checkpoint and self.checkpoint != "auto" and not os.path.isfile(os.path.expanduser(self.checkpoint)):
+            raise ValueError(f"method.teacher.checkpoint: file not found: {self.checkpoint!r} "
+                             "(or 'auto': train one once on the run's data and cache it)")
+        if self.auto_epochs < 1:
+            raise ValueError(f"method.teacher.auto_epochs must be >= 1, got {self.auto_epochs}")
 
 
 @dataclass
@@ -183,7 +190,8 @@ class TrainConfig:
     output_dir: str = "runs/fastmask"
     device: str = "auto"  # auto / cpu / cuda / cuda:N
     amp: str = "auto"  # auto / bf16 / fp16 / off: see fastmask.engine.guard.amp_policy (bf16 on native-bf16 GPUs, fp16 + loss scaling on older ones, off on CPU)
-    compile: bool = False
+    compile: str = "none"  # none | blocks | step (true = step): fastmask/engine/compile.py
+    compile_mode: str = ""  # torch.compile mode: "" (default), reduce-overhead, max-autotune, ...
     # Data parallelism under torchrun: "ddp" (replicas, bucketed all-reduce overlapped with the
     # backward) or "fsdp" (FSDP2 fully_shard per block of every network, teachers included).
     parallel: str = "ddp"
@@ -244,6 +252,12 @@ def check_train_config(cfg: TrainConfig) -> None:
     dev = cfg.device.lower()
     if not (dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    from .engine.compile import resolve_compile_mode
+
+    try:
+        cfg.compile = resolve_compile_mode(cfg.compile)
+    except ValueError:
+        bad("compile", f"must be none, blocks or step (or true/false), got {cfg.compile!r}")
     if cfg.knn_k < 1:
         bad("knn_k", f"must be >= 1, got {cfg.knn_k}")
     if not cfg.knn_temperature > 0:
@@ -253,6 +267,10 @@ def check_train_config(cfg: TrainConfig) -> None:
             bad(k, f"must be >= 1, got {getattr(cfg, k)}")
     if cfg.eval_every < 0:
         bad("eval_every", f"must be >= 0, got {cfg.eval_every}")
+    spelled = re.search(r"_patch(\d+)", cfg.model.arch)
+    if spelled and int(spelled.group(1)) != cfg.model.patch_size:
+        bad("model.patch_size", f"{cfg.model.patch_size} differs from the patch size {spelled.group(1)} that "
+            f"model.arch={cfg.model.arch!r} names; set model.patch_size={spelled.group(1)} (or name the size you mean)")
     if cfg.nonfinite_max_consecutive < 1:
         bad("nonfinite_max_consecutive", f"must be >= 1, got {cfg.nonfinite_max_consecutive}")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):

@@ -117,18 +117,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
             head.bias.zero_()
         base_lr = lr * batch_size / 256.0
         opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, weight_decay=0.0)
-        step = 0
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=g).to(device)
-            for start in range(0, n, batch_size):
-                idx = perm[start:start + batch_size]
-                for group in opt.param_groups:
-                    group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
+        with torch.enable_grad():  # callable from no-grad evaluation code (the driver's evaluate)
+            _train_head(head, opt, train_x, train_y, epochs, batch_size, base_lr, total, g)
         with torch.no_grad():
             logits = head(val_x)
             top1 = 100.0 * (logits.argmax(1) == val_y).float().mean().item()
@@ -141,6 +131,23 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     if best[2] is not None:
         out["top5"] = best[2]
     return out
+
+
+def _train_head(head, opt, train_x, train_y, epochs, batch_size, base_lr, total, g) -> None:
+    """SGD over shuffled mini-batches with a cosine lr from ``base_lr`` to 0 over ``total`` steps."""
+    n = train_x.shape[0]
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g).to(train_x.device)
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            for group in opt.param_groups:
+                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
 
 
 def _loaders(data: str, image_size: int, batch_size: int, num_workers: int, device: torch.device, loader: str):

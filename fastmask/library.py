@@ -112,10 +112,48 @@ def _gather_setup(ctx, inputs, output):
     ctx.pos_meta = None if pos_embed is None else (pos_embed.shape, pos_embed.dtype)
 
 
+def _gather_backward_fake(grad_out, ids, num_tokens, need_x, pos_dtype):
+    B, _, D = grad_out.shape
+    grad_x = grad_out.new_empty(B, num_tokens, D) if need_x else grad_out.new_empty(0)
+    return grad_x, grad_out.new_empty(num_tokens, D, dtype=pos_dtype)
+
+
+_define_cuda("gather_tokens_backward",
+             "(Tensor grad_out, Tensor ids, SymInt num_tokens, bool need_x, ScalarType pos_dtype) -> (Tensor, Tensor)",
+             _gather_backward_fake)
+
+
+def _gather_backward_impl(grad_out, ids, num_tokens: int, need_x: bool, pos_dtype, backend: str):
+    """(grad_x or an empty tensor, grad_pos [N, D]) in one pass: the kernels sum the batch for pos_embed
+    while they write grad_x (the torch recipe scatters, then re-reads grad_x for the sum)."""
+    if backend == "triton":
+        grad_x, grad_pos = _kernels("token_gather").gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
+        return (grad_x if need_x else grad_out.new_empty(0)), grad_pos
+    if backend == "cuda":
+        return _cuda().cuda_gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
+    if backend == "torch":
+        grad_x = reference.scatter_tokens(grad_out, ids, num_tokens, None)
+        return (grad_x if need_x else grad_out.new_empty(0)), grad_x.sum(0, dtype=torch.float32).to(pos_dtype)
+    raise _no_backend("gather_tokens_backward", backend)
+
+
+gather_tokens_backward = _define(
+    "gather_tokens_backward",
+    "(Tensor grad_out, Tensor ids, SymInt num_tokens, bool need_x, ScalarType pos_dtype, str backend) -> (Tensor, Tensor)",
+    _gather_backward_impl,
+    lambda grad_out, ids, num_tokens, need_x, pos_dtype, backend: _gather_backward_fake(
+        grad_out, ids, num_tokens, need_x, pos_dtype),
+)
+
+
 def _gather_backward(ctx, grad_out):
     (ids,) = ctx.saved_tensors
     need_x, _, need_pos, _ = ctx.needs_input_grad
     grad_x = grad_pos = None
+    if need_pos and ctx.backend != "torch":
+        shape, dtype = ctx.pos_meta
+        grad_x, grad_pos = gather_tokens_backward(grad_out, ids, ctx.num_tokens, need_x, dtype, ctx.backend)
+        return (grad_x if need_x else None), None, grad_pos.reshape(shape), None
     if need_x or need_pos:
         # ids are unique per row: the scatter is a plain write, no atomics, deterministic.
         grad_x = scatter_tokens(grad_out, ids, ctx.num_tokens, None, ctx.backend)
@@ -162,10 +200,48 @@ def _scatter_setup(ctx, inputs, output):
     ctx.fill_meta = None if fill is None else (fill.shape, fill.dtype)
 
 
+def _scatter_backward_fake(grad_out, ids, need_x, fill_dtype):
+    B, _, D = grad_out.shape
+    grad_x = grad_out.new_empty(B, ids.shape[1], D) if need_x else grad_out.new_empty(0)
+    return grad_x, grad_out.new_empty(D, dtype=fill_dtype)
+
+
+_define_cuda("scatter_tokens_backward", "(Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype) -> (Tensor, Tensor)",
+             _scatter_backward_fake)
+
+
+def _scatter_backward_impl(grad_out, ids, need_x: bool, fill_dtype, backend: str):
+    """(grad_x_kept or an empty tensor, grad_fill [D]) in one pass over grad_out: kept rows gathered,
+    hidden rows summed for the fill (the torch recipe sums all rows, then the kept ones again)."""
+    if backend == "triton":
+        grad_x, grad_fill = _kernels("token_gather").scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
+        return (grad_x if need_x else grad_out.new_empty(0)), grad_fill
+    if backend == "cuda":
+        return _cuda().cuda_scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
+    if backend == "torch":
+        grad_x = reference.gather_tokens(grad_out, ids, None)
+        total = grad_out.sum((0, 1), dtype=torch.float32)
+        grad_fill = (total - grad_x.sum((0, 1), dtype=torch.float32)).to(fill_dtype)
+        return (grad_x if need_x else grad_out.new_empty(0)), grad_fill
+    raise _no_backend("scatter_tokens_backward", backend)
+
+
+scatter_tokens_backward = _define(
+    "scatter_tokens_backward",
+    "(Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype, str backend) -> (Tensor, Tensor)",
+    _scatter_backward_impl,
+    lambda grad_out, ids, need_x, fill_dtype, backend: _scatter_backward_fake(grad_out, ids, need_x, fill_dtype),
+)
+
+
 def _scatter_backward(ctx, grad_out):
     (ids,) = ctx.saved_tensors
     need_x, _, _, need_fill, _ = ctx.needs_input_grad
     grad_x = grad_fill = None
+    if need_fill and ctx.backend != "torch":
+        shape, dtype = ctx.fill_meta
+        grad_x, grad_fill = scatter_tokens_backward(grad_out, ids, need_x, dtype, ctx.backend)
+        return (grad_x if need_x else None), None, None, grad_fill.reshape(shape), None
     if need_x or need_fill:
         grad_x = gather_tokens(grad_out, ids, None, ctx.backend)
     if need_fill:
@@ -213,11 +289,48 @@ def _mask_token_setup(ctx, inputs, output):
     ctx.token_meta = (mask_token.shape, mask_token.dtype)
 
 
+def _mask_token_backward_fake(grad_out, mask, need_x, token_dtype):
+    grad_x = torch.empty_like(grad_out, memory_format=torch.contiguous_format) if need_x else grad_out.new_empty(0)
+    return grad_x, grad_out.new_empty(grad_out.shape[-1], dtype=token_dtype)
+
+
+_define_cuda("apply_mask_token_backward",
+             "(Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype) -> (Tensor, Tensor)",
+             _mask_token_backward_fake)
+
+
+def _mask_token_backward_impl(grad_out, mask, need_x: bool, token_dtype, backend: str):
+    """(grad_x or an empty tensor, grad_token [D]) in one pass: grad_x written and the hidden rows
+    summed on the way (the torch recipe's where + sum builds a full temporary)."""
+    if backend == "triton":
+        grad_x, grad_token = _kernels("token_gather").apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
+        return (grad_x if need_x else grad_out.new_empty(0)), grad_token
+    if backend == "cuda":
+        return _cuda().cuda_apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
+    if backend == "torch":
+        hidden = mask.unsqueeze(-1)
+        grad_token = torch.where(hidden, grad_out, 0).sum((0, 1), dtype=torch.float32).to(token_dtype)
+        grad_x = torch.where(hidden, 0, grad_out).contiguous() if need_x else grad_out.new_empty(0)
+        return grad_x, grad_token
+    raise _no_backend("apply_mask_token_backward", backend)
+
+
+apply_mask_token_backward = _define(
+    "apply_mask_token_backward",
+    "(Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype, str backend) -> (Tensor, Tensor)",
+    _mask_token_backward_impl,
+    lambda grad_out, mask, need_x, token_dtype, backend: _mask_token_backward_fake(grad_out, mask, need_x, token_dtype),
+)
+
+
 def _mask_token_backward(ctx, grad_out):
     (mask,) = ctx.saved_tensors
     need_x, _, need_token, _ = ctx.needs_input_grad
     grad_x = grad_token = None
     shape, dtype = ctx.token_meta
+    if need_token and ctx.backend != "torch":
+        grad_x, grad_token = apply_mask_token_backward(grad_out, mask, need_x, dtype, ctx.backend)
+        return (grad_x if need_x else None), None, grad_token.reshape(shape), None
     if need_x:  # where(mask, 0, grad): the same op with a zero token
         grad_x = apply_mask_token(grad_out, mask, grad_out.new_zeros(grad_out.shape[-1]), ctx.backend)
     if need_token:
@@ -364,6 +477,29 @@ def _sdpa(q, k, v, scale: float, sdpa_backend: Optional[str]):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _cls_row_fake(q, k, scale, num_prefix_tokens, backend):
+    return q.new_empty(q.shape[0], q.shape[2] - num_prefix_tokens, dtype=torch.float32)
+
+
+def _cls_row_impl(q, k, scale: float, num_prefix_tokens: int, backend: str) -> torch.Tensor:
+    """The head-mean CLS attention row over the patch keys, [B, L - p] float32, beside any attention."""
+    if backend == "triton":
+        return _kernels("cls_row").cls_row(q, k, scale, num_prefix_tokens)
+    if backend == "torch":
+        with _autocast_off(q.device.type):
+            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
+            return torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+    raise ValueError(f"cls_row: unknown backend {backend!r}; expected 'torch' or 'triton'")
+
+
+cls_row = _define(
+    "cls_row", "(Tensor q, Tensor k, float scale, int num_prefix_tokens, str backend) -> Tensor",
+    _cls_row_impl, _cls_row_fake,
+)
+# The map is an export (AttMask, MaskedKD): it carries no gradient.
+cls_row.register_autograd(lambda ctx, grad: (None,) * 5, setup_context=lambda ctx, inputs, output: None)
+
+
 def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_tokens: int,
                      sdpa_backend: Optional[str] = None, cls_kernel: bool = False):
     """The torch backend: ``out`` from ``F.scaled_dot_product_attention`` (pinned to ``sdpa_backend``
@@ -372,13 +508,13 @@ def _torch_attention(q, k, v, scale: float, return_cls_attn: bool, num_prefix_to
     B, H, L, Dh = q.shape
     with _autocast_off(q.device.type):
         out = _sdpa(q, k, v, scale, sdpa_backend).contiguous()
+        # SDPA's CPU kernels return zeros for a NaN query; the reference and the kernels give the
+        # IEEE result, a NaN row: keep that one documented behaviour on every backend.
+        out = out.masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
         if not return_cls_attn:
             cls_attn = q.new_empty(B, 0, dtype=torch.float32)
-        elif cls_kernel:
-            cls_attn = _kernels("cls_row").cls_row(q, k, scale, num_prefix_tokens)
         else:
-            row0 = torch.matmul(q[:, :, :1].float(), k.float().transpose(-2, -1)) * scale
-            cls_attn = torch.softmax(row0, dim=-1)[:, :, 0, num_prefix_tokens:].mean(dim=1)
+            cls_attn = cls_row(q.detach(), k.detach(), scale, num_prefix_tokens, "triton" if cls_kernel else "torch")
     return out, cls_attn, q.new_empty(0, dtype=torch.float32)
 
 

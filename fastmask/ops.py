@@ -15,6 +15,7 @@ the device; ``set_value_checks(False)`` turns them off for production loops once
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -65,8 +66,9 @@ def value_checks(enabled: bool):
 
 def _value_checks_on(t: Optional[torch.Tensor] = None) -> bool:
     # Value checks need host syncs and data-dependent control flow, which torch.compile cannot trace;
-    # meta tensors have no values to check.
-    return _VALUE_CHECKS and not torch.compiler.is_compiling() and (t is None or t.device.type != "meta")
+    # meta tensors have no values to check.  is_compiling() first: traced code then never reads the
+    # global, so the driver turning checks off after its first step does not recompile a compiled step.
+    return not torch.compiler.is_compiling() and _VALUE_CHECKS and (t is None or t.device.type != "meta")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +89,8 @@ def _check_float(name: str, t: torch.Tensor) -> None:
 
 def _check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
     for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (or None), got {type(t).__name__}")
         if t is not None and t.device != ref.device:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
@@ -345,8 +349,11 @@ def attention(
     _check_same_device("q", q, k=k, v=v)
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or not 0 < num_prefix_tokens <= q.shape[2]:
         raise ValueError(f"num_prefix_tokens must be an int in [1, L={q.shape[2]}], got {num_prefix_tokens!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q, k and v must have a head dim Dh >= 1, got shape {tuple(q.shape)}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     scale, return_cls_attn = float(scale), bool(return_cls_attn)

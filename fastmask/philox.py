@@ -93,8 +93,10 @@ def draw_seed(generator: Optional[torch.Generator] = None, seed: Optional[int] =
     which would stall the host until the GPU has caught up (once per masked batch).
     """
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+        if not 0 <= seed < 2**64:  # Philox keys on 64 bits: a larger seed would alias a smaller one
+            raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
         return seed
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -134,10 +136,11 @@ def seed_tensor(
             if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
                 raise ValueError(f"seed as a tensor must hold one int64 value, got {seed.dtype} {tuple(seed.shape)}")
             return seed.reshape(1).to(device=device, dtype=torch.int64)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        # A fill, not a host-to-device copy: nothing waits.  Philox keys on the low 64 bits.
-        seed = seed & 0xFFFFFFFFFFFFFFFF
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int in [0, 2**64), got {type(seed).__name__}")
+        if not 0 <= seed < 2**64:  # Philox keys on 64 bits: a larger seed would alias a smaller one
+            raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+        # A fill, not a host-to-device copy: nothing waits.
         return torch.full((1,), seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device=device)
     generator = traced_generator(generator)
     if generator is not None:

@@ -43,7 +43,10 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.
     """``out[b, k] = x[b, ids[b, k]] (+ pos_embed[ids[b, k]])``."""
     if pos_embed is not None:
         x = (x.float() + pos_embed.reshape(1, x.shape[1], x.shape[2]).float()).to(x.dtype)
-    return torch.gather(x, 1, _expand_ids(ids, x.shape[-1]))
+    # An id outside [0, N) (only with value checks off) reads a zero row, as the kernels do.
+    valid = (ids >= 0) & (ids < x.shape[1])
+    out = torch.gather(x, 1, _expand_ids(ids.clamp(0, x.shape[1] - 1), x.shape[-1]))
+    return out.masked_fill_(~valid.unsqueeze(-1), 0)
 
 
 def scatter_tokens(
@@ -51,11 +54,14 @@ def scatter_tokens(
 ) -> torch.Tensor:
     """Inverse of gather: ``out[b, ids[b, k]] = x_kept[b, k]``; other rows are ``fill`` (or 0)."""
     B, _, D = x_kept.shape
+    # An id outside [0, N) (only with value checks off) writes nothing, as the kernels do: it goes to
+    # a spare row N that is cut off.
+    spare = torch.where((ids >= 0) & (ids < num_tokens), ids, num_tokens)
     if fill is None:
-        base = x_kept.new_zeros(B, num_tokens, D)
+        base = x_kept.new_zeros(B, num_tokens + 1, D)
     else:
-        base = fill.to(x_kept.dtype).reshape(1, 1, D).expand(B, num_tokens, D)
-    return base.scatter(1, _expand_ids(ids, D), x_kept)
+        base = fill.to(x_kept.dtype).reshape(1, 1, D).expand(B, num_tokens + 1, D)
+    return base.scatter(1, _expand_ids(spare, D), x_kept)[:, :num_tokens].contiguous()
 
 
 def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ the CPU interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -51,9 +52,9 @@ from . import cdiv, next_power_of_2
 LOG2E = 1.4426950408889634
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Fixed blocks for the CPU interpreter: big enough for tl.dot (16) and small enough that the tests'
-# awkward lengths cross several block boundaries.
-_INTERPRET_BLOCK = 16
+# Fixed blocks for the CPU interpreter: twice the tail tile (16), so the tests' awkward lengths cross
+# several full blocks and then one or two tail tiles.
+_INTERPRET_BLOCK = 32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,17 +78,19 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
 
 @triton.jit
 def _fwd_key_block(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, start_n, L, mask_d, stride_kl, stride_vl, qk_scale,
-    MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
+    acc, m_i, l_i, q, k_base, v_base, offs_n, offs_d, L, mask_d, stride_kl, stride_kd, stride_vl, stride_vd,
+    qk_scale, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
-    """One step of the online softmax over keys [start_n, start_n + BLOCK_N)."""
+    """One step of the online softmax over the keys ``offs_n`` (a full block, or a small tail tile)."""
+    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
     if MASK_KEYS:
-        mask_n = (start_n + offs_n) < L
-        k = tl.load(k_ptrs + start_n * stride_kl, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vl, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        mask_n = offs_n < L
+        k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     else:
-        k = tl.load(k_ptrs + start_n * stride_kl, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vl, mask=mask_d[None, :], other=0.0)
+        k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
     # Scores in the log2 domain: exp2 is the native instruction, scale*log2(e) folds into one multiply.
     s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_BF16) * qk_scale
     if MASK_KEYS:
@@ -109,7 +112,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     H, L, HEAD_DIM, NUM_PREFIX, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
     EXPORT_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     # 1-D grid, query blocks of one head adjacent: programs running together share that head's K/V in L2.
@@ -131,21 +134,24 @@ def _attn_fwd_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Full key blocks need no bounds masks; only the ragged tail (L not a multiple of BLOCK_N) does.
+    # Full key blocks need no bounds masks.  The ragged tail (L not a multiple of BLOCK_N) goes in
+    # TAIL_N-key tiles (16: the K step of the P@V MMA), so at L = 197 and BLOCK_N = 64 the last five
+    # keys cost a 16-key tile instead of a 64-key one (fewer padded scores: 208 keys, not 256).
     full_n = (L // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_n, BLOCK_N):
-        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, start_n, L, mask_d,
-                                       stride_kl, stride_vl, qk_scale, False, DOT_PRECISION, UPCAST_BF16)
-    if full_n < L:
-        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, full_n, L, mask_d,
-                                       stride_kl, stride_vl, qk_scale, True, DOT_PRECISION, UPCAST_BF16)
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, start_n + offs_n, offs_d, L, mask_d,
+                                       stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, False,
+                                       DOT_PRECISION, UPCAST_BF16)
+    offs_tail = tl.arange(0, TAIL_N)
+    for start_n in range(full_n, L, TAIL_N):
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_base, v_base, start_n + offs_tail, offs_d, L, mask_d,
+                                       stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, True,
+                                       DOT_PRECISION, UPCAST_BF16)
 
     out = acc / l_i[:, None]
     o_base = Out + b * stride_ob + h * stride_oh
@@ -202,6 +208,45 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, offs_m, offs_d, mask_n, mask_d, L,
+                      stride_ql, stride_qd, stride_gl, stride_gd, qk_scale,
+                      DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """dV += P^T dO and dK += dS^T Q (unscaled) over the queries ``offs_m``."""
+    mask_m = offs_m < L
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
+    lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+    s_t = _mma(k, tl.trans(q), DOT_PRECISION, UPCAST_BF16) * qk_scale
+    p_t = tl.exp2(s_t - lse[None, :])
+    p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
+    dv += _mma(p_t.to(do.dtype), do, DOT_PRECISION, UPCAST_BF16)
+    dp_t = _mma(v, tl.trans(do), DOT_PRECISION, UPCAST_BF16)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _mma(ds_t.to(q.dtype), q, DOT_PRECISION, UPCAST_BF16)
+    return dk, dv
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, mask_m, mask_d, L,
+                  stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                  DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """dQ += dS K (unscaled) over the keys ``offs_n``."""
+    mask_n = offs_n < L
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+    s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_BF16) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+    dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST_BF16)
+    ds = p * (dp - delta[:, None])
+    dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_BF16)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -210,8 +255,8 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gl, stride_gd,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     H, L, HEAD_DIM, scale, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     """One program per (key block, batch*head): dV = P^T dO and dK = scale * dS^T Q over all queries.
 
@@ -242,21 +287,17 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, L, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < L
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
-        lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0)
-        delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
-        s_t = _mma(k, tl.trans(q), DOT_PRECISION, UPCAST_BF16) * qk_scale
-        p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
-        dv += _mma(p_t.to(do.dtype), do, DOT_PRECISION, UPCAST_BF16)
-        dp_t = _mma(v, tl.trans(do), DOT_PRECISION, UPCAST_BF16)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mma(ds_t.to(q.dtype), q, DOT_PRECISION, UPCAST_BF16)
+    # Full query blocks, then the ragged tail in TAIL_M-query tiles (the K step of the dV/dK MMAs).
+    full_m = (L // BLOCK_M) * BLOCK_M
+    for start_m in range(0, full_m, BLOCK_M):
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, start_m + offs_m0, offs_d,
+                                   mask_n, mask_d, L, stride_ql, stride_qd, stride_gl, stride_gd, qk_scale,
+                                   DOT_PRECISION, UPCAST_BF16)
+    offs_tail = tl.arange(0, TAIL_M)
+    for start_m in range(full_m, L, TAIL_M):
+        dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, start_m + offs_tail, offs_d,
+                                   mask_n, mask_d, L, stride_ql, stride_qd, stride_gl, stride_gd, qk_scale,
+                                   DOT_PRECISION, UPCAST_BF16)
 
     dk *= scale
     dst = offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd
@@ -273,8 +314,8 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gl, stride_gd,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     H, L, HEAD_DIM, scale, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     """One program per (query block, batch*head): dQ = scale * dS K over all keys."""
     pid = tl.program_id(0)
@@ -302,18 +343,14 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < L
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_BF16) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        dp = _mma(do, tl.trans(v), DOT_PRECISION, UPCAST_BF16)
-        ds = p * (dp - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, DOT_PRECISION, UPCAST_BF16)
+    full_n = (L // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_n, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse, delta, k_base, v_base, start_n + offs_n0, offs_d, mask_m, mask_d, L,
+                           stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, DOT_PRECISION, UPCAST_BF16)
+    offs_tail = tl.arange(0, TAIL_N)
+    for start_n in range(full_n, L, TAIL_N):
+        dq = _dq_key_block(dq, q, do, lse, delta, k_base, v_base, start_n + offs_tail, offs_d, mask_m, mask_d, L,
+                           stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, DOT_PRECISION, UPCAST_BF16)
 
     dq *= scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
@@ -324,25 +361,75 @@ def _attn_bwd_dq_kernel(
 # block-size selection: autotuned on a GPU, fixed under the interpreter
 # ---------------------------------------------------------------------------------------------
 
-def _fwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-            (128, 32, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2), (32, 64, 4, 3),
-        ]
-    ]
+# Autotune configs per kind of matrix unit and head-dim tile (``_config_class``), each checked for
+# sm_90 by tests/test_attention_sm90.py (via tests/compile_for_gpu.py --report): no spills, and
+# wgmma on every 16-bit and TF32 config.  wgmma's M is 64 rows per warpgroup of 4 warps, so the M side
+# of every dot (forward / dQ: BLOCK_M queries; dK/dV: BLOCK_N keys) is >= 64: the BLOCK_M=32 and
+# BLOCK_N=32 configs of the first version fell back to mma.sync.  The 32x128 backward configs, which
+# spilled, are gone, and a 128-wide head-dim tile (Dh 80...128) gets its own smaller set.  The other
+# side of each tile only sets the N/K extent (multiples of 16), which the tail tiles shrink at ragged
+# lengths.  Entries: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+_MMA16_FWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 16, 4, 4), (128, 64, 8, 3), (128, 32, 8, 3),
+              (128, 64, 8, 2)]
+_MMA16_DQ = [(64, 64, 4, 2), (64, 32, 4, 2), (64, 16, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2)]
+_CONFIGS = {
+    "fwd": {
+        ("mma16", 64): _MMA16_FWD, ("mma16", 128): _MMA16_FWD,
+        ("tf32", 64): [(64, 32, 4, 2), (64, 16, 4, 3), (128, 32, 8, 2), (64, 64, 4, 2)],
+        ("tf32", 128): [(64, 16, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (64, 16, 8, 2)],
+        # float32 without TF32: FMA dots, no tensor cores; small tiles keep the products in registers.
+        ("ieee", 64): [(32, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2), (64, 16, 8, 2)],
+        ("ieee", 128): [(16, 16, 8, 1), (32, 16, 8, 1), (16, 32, 8, 1)],
+    },
+    "dkdv": {
+        ("mma16", 64): [(32, 64, 4, 2), (16, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2),
+                        (64, 128, 8, 2)],
+        ("mma16", 128): [(16, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)],
+        ("tf32", 64): [(16, 64, 4, 2), (32, 64, 4, 2), (16, 128, 8, 2)],
+        # (no TF32 dK/dV tile at a 128-wide head dim avoids spilling: those run as "ieee", see _dkdv_precision)
+        ("ieee", 64): [(16, 32, 4, 2), (16, 64, 8, 2)],
+        ("ieee", 128): [(16, 16, 4, 1), (16, 32, 8, 1), (16, 16, 8, 1)],
+    },
+    "dq": {
+        ("mma16", 64): _MMA16_DQ, ("mma16", 128): _MMA16_DQ,
+        ("tf32", 64): [(64, 32, 4, 2), (64, 16, 4, 2), (128, 32, 8, 2)],
+        ("tf32", 128): [(64, 16, 4, 2), (64, 32, 8, 2), (64, 16, 8, 2), (128, 32, 8, 2)],
+        ("ieee", 64): [(32, 32, 4, 2), (32, 16, 4, 2)],
+        ("ieee", 128): [(16, 16, 4, 1), (16, 16, 8, 1)],
+    },
+}
+def _configs(kernel: str):
+    """One triton.Config per distinct shape over all classes (the pruning below picks a class's)."""
+    shapes = dict.fromkeys(shape for per_class in _CONFIGS[kernel].values() for shape in per_class)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in shapes]
 
 
-def _bwd_configs():
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (32, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 3),
-            (128, 64, 8, 2), (64, 128, 8, 2), (32, 128, 4, 2),
-        ]
-    ]
+def _config_class(dtype: torch.dtype, precision: str, block_d: int):
+    unit = "mma16" if dtype != torch.float32 else "tf32" if precision == "tf32" else "ieee"
+    return unit, 64 if block_d <= 64 else 128
 
+
+def _prune_by_class(kernel: str, configs, named_args, **kwargs):
+    """Only the configs made for this call's matrix unit (16-bit MMA, TF32 MMA, or FMA) and head-dim
+    tile, recognised by their shape (torch.compile hands the pruning copies of the configs)."""
+    wanted = set(_CONFIGS[kernel][_config_class(named_args["Q"].dtype, kwargs["DOT_PRECISION"], kwargs["BLOCK_D"])])
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+
+def _tuned(kernel, which: str, key):
+    prune = functools.partial(_prune_by_class, which)
+    return triton.autotune(_configs(which), key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _dkdv_precision(precision: str, block_d: int) -> str:
+    # Every TF32 dK/dV tile at a 128-wide head dim spills on sm_90 (two [BLOCK_N, 128] float32
+    # accumulators plus float32 K and V tiles): those run IEEE FMA dots, which is only more exact.
+    return "ieee" if precision == "tf32" and block_d > 64 else precision
+
+
+# The ragged tail of the streamed axis goes in tiles of this many rows: the K step of bf16/fp16 MMAs.
+_TAIL = 16
 
 if _INTERPRET:
     _fwd = _attn_fwd_kernel
@@ -350,9 +437,9 @@ if _INTERPRET:
     _bwd_dq = _attn_bwd_dq_kernel
     _FIXED_BLOCKS = {"BLOCK_M": _INTERPRET_BLOCK, "BLOCK_N": _INTERPRET_BLOCK}
 else:  # pragma: no cover - needs a GPU
-    _fwd = triton.autotune(_fwd_configs(), key=["L", "HEAD_DIM", "EXPORT_CLS"])(_attn_fwd_kernel)
-    _bwd_dkdv = triton.autotune(_bwd_configs(), key=["L", "HEAD_DIM"])(_attn_bwd_dkdv_kernel)
-    _bwd_dq = triton.autotune(_bwd_configs(), key=["L", "HEAD_DIM"])(_attn_bwd_dq_kernel)
+    _fwd = _tuned(_attn_fwd_kernel, "fwd", ["L", "HEAD_DIM", "EXPORT_CLS", "DOT_PRECISION"])
+    _bwd_dkdv = _tuned(_attn_bwd_dkdv_kernel, "dkdv", ["L", "HEAD_DIM", "DOT_PRECISION"])
+    _bwd_dq = _tuned(_attn_bwd_dq_kernel, "dq", ["L", "HEAD_DIM", "DOT_PRECISION"])
     _FIXED_BLOCKS = {}
 
 _DELTA_BLOCK_M = 64
@@ -403,7 +490,7 @@ def attention_forward(
         q, k, v, out, lse, cls_head,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, L, Dh, num_prefix_tokens, scale * LOG2E,
-        BLOCK_D=_block_d(Dh), EXPORT_CLS=bool(return_cls_attn), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=_block_d(Dh), TAIL_N=_TAIL, EXPORT_CLS=bool(return_cls_attn), DOT_PRECISION=_dot_precision(q.dtype),
         UPCAST_BF16=_upcast_bf16(q.dtype), **_FIXED_BLOCKS,
     )
     # The head mean over a [B, H, L-p] float32 buffer: tiny next to the attention, and deterministic.
@@ -436,13 +523,14 @@ def attention_backward(
     if need_dkdv:
         wrap_triton(_bwd_dkdv)[_grid_rows(B, H, L, "BLOCK_N")](
             q, k, v, dout, lse, delta, dk, dv, *common, *_strides(dk),
-            H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST_BF16=upcast,
+            H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, TAIL_M=_TAIL,
+            DOT_PRECISION=_dkdv_precision(precision, block_d), UPCAST_BF16=upcast,
             **_FIXED_BLOCKS,
         )
     if need_dq:
         wrap_triton(_bwd_dq)[_grid_rows(B, H, L, "BLOCK_M")](
             q, k, v, dout, lse, delta, dq, *common, *_strides(dq),
-            H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, DOT_PRECISION=precision, UPCAST_BF16=upcast,
+            H, L, Dh, scale, scale * LOG2E, BLOCK_D=block_d, TAIL_N=_TAIL, DOT_PRECISION=precision, UPCAST_BF16=upcast,
             **_FIXED_BLOCKS,
         )
     return dq, dk, dv

@@ -5,6 +5,9 @@
 the attention, and it runs beside any attention kernel: with it, the fastest SDPA backend of a device
 (cuDNN, flash, memory-efficient) exports the map too, at the cost of reading K once more.
 
+``cls_row`` is the Triton implementation of the operator ``fastmask::cls_row`` (registered in
+``fastmask/library.py``); the launch goes through ``wrap_triton`` so ``torch.compile`` sees it.
+
 One program per sample ``b`` holds all heads at once: a [BLOCK_H, BLOCK_N, BLOCK_D] tile of K and the
 [BLOCK_H, BLOCK_D] CLS queries.  Pass 1 streams the keys for every head's row maximum and normaliser
 (online, float32, base 2); pass 2 streams the patch keys again (from L2: one sample's K is at most a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import next_power_of_2
 
@@ -93,7 +97,7 @@ def cls_row(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: i
     if H == 0 or Dh == 0:
         return out.fill_(1.0 / L)  # no scores: every key equally likely
     block_h, block_n, block_d = _blocks(H, Dh)
-    _cls_row_kernel[(B,)](
+    wrap_triton(_cls_row_kernel)[(B,)](
         q, k, out,
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),

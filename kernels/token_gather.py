@@ -92,14 +92,15 @@ def _round_float32_to(vals, dtype: tl.constexpr):
 @triton.jit
 def _gather_rows_kernel(
     src_ptr, ids_ptr, pos_ptr, out_ptr,
-    num_rows, K, D,
+    num_rows, K, D, N,
     stride_sb, stride_sn, stride_sd,
     stride_ib, stride_ik,
     stride_pn, stride_pd,
     stride_ob, stride_ok,
     HAS_POS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32)."""
+    """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32); an id outside
+    [0, N) (value checks off) gives a zero row, never a read out of bounds."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < num_rows
@@ -107,17 +108,20 @@ def _gather_rows_kernel(
     k = (rows % K).to(tl.int64)
     token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=row_ok, other=0)
     m = row_ok[:, None] & (cols < D)[None, :]
-    vals = tl.load(src_ptr + (b * stride_sb + token * stride_sn)[:, None] + cols[None, :] * stride_sd, mask=m)
+    read = m & ((token >= 0) & (token < N))[:, None]
+    vals = tl.load(src_ptr + (b * stride_sb + token * stride_sn)[:, None] + cols[None, :] * stride_sd, mask=read,
+                   other=0.0)
     if HAS_POS:
         # Same numerics as the reference: add in float32, round once to the output dtype.
-        pos = tl.load(pos_ptr + (token * stride_pn)[:, None] + cols[None, :] * stride_pd, mask=m)
+        pos = tl.load(pos_ptr + (token * stride_pn)[:, None] + cols[None, :] * stride_pd, mask=read, other=0.0)
         vals = _round_float32_to(vals.to(tl.float32) + pos.to(tl.float32), out_ptr.dtype.element_ty)
     tl.store(out_ptr + (b * stride_ob + k * stride_ok)[:, None] + cols[None, :], vals, mask=m)
 
 
 @triton.jit
 def _token_slots_kernel(ids_ptr, slot_ptr, N, K, stride_ib, stride_ik, BLOCK: tl.constexpr):
-    """slot[b, n] = k where ids[b, k] == n, else -1 (one program per row b)."""
+    """slot[b, n] = k where ids[b, k] == n, else -1 (one program per row b); ids outside [0, N)
+    (value checks off) are dropped, never written out of bounds."""
     b = tl.program_id(0).to(tl.int64)
     for n0 in range(0, N, BLOCK):
         n = n0 + tl.arange(0, BLOCK)
@@ -127,7 +131,7 @@ def _token_slots_kernel(ids_ptr, slot_ptr, N, K, stride_ib, stride_ik, BLOCK: tl
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=k < K, other=0)
-        tl.store(slot_ptr + b * N + token, k.to(tl.int32), mask=k < K)
+        tl.store(slot_ptr + b * N + token, k.to(tl.int32), mask=(k < K) & (token >= 0) & (token < N))
 
 
 @triton.jit
@@ -182,6 +186,92 @@ def _mask_token_kernel(
         vals = tl.where(hidden[:, None], token[None, :], vals)
     tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
              vals.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# Backward kernels that fuse the batch reductions (pos-embed, fill and mask-token gradients): a program
+# owns [ROWS tokens, BLOCK_D channels] and walks the whole batch, BATCH samples at a time, so each
+# gradient row is read once, written once, and summed in float32 registers on the way.
+
+@triton.jit
+def _gather_backward_kernel(
+    grad_ptr, slot_ptr, grad_x_ptr, grad_pos_ptr,
+    B, N, D,
+    stride_gb, stride_gk, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, n] = grad[b, slot[b, n]] (0 where slot < 0); grad_pos[n] = sum_b grad_x[b, n] (float32)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + slot * stride_gk)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok & (slot >= 0)[:, :, None], other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, vals, mask=ok)
+        acc += tl.sum(vals.to(tl.float32), 0)
+    tl.store(grad_pos_ptr + n[:, None] * D + cols[None, :], _round_float32_to(acc, grad_pos_ptr.dtype.element_ty),
+             mask=tile_ok)
+
+
+@triton.jit
+def _scatter_backward_kernel(
+    grad_ptr, slot_ptr, grad_x_ptr, partial_ptr,
+    B, N, K, D,
+    stride_gb, stride_gn, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, slot[b, n]] = grad[b, n] for kept tokens; partial[program row, :] = the sum of grad over
+    this program's hidden (b, n) (the fill's gradient, summed over programs afterwards)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
+        kept = (slot >= 0)[:, :, None]
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok, other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * K + slot) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, vals, mask=ok & kept)
+        acc += tl.sum(tl.where(kept, 0.0, vals.to(tl.float32)), 0)
+    tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
+
+
+@triton.jit
+def _mask_token_backward_kernel(
+    grad_ptr, mask_ptr, grad_x_ptr, partial_ptr,
+    B, N, D,
+    stride_gb, stride_gn, stride_gd,
+    NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_x[b, n] = 0 if mask[b, n] else grad[b, n]; partial[program row, :] = the sum of grad over
+    this program's hidden (b, n) (the mask token's gradient, summed over programs afterwards)."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for b0 in range(0, B, BATCH):
+        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        hidden = (tl.load(mask_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=0) != 0)[:, :, None]
+        ok = row_ok[:, :, None] & tile_ok[None, :, :]
+        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
+        vals = tl.load(src, mask=ok, other=0.0)
+        if NEED_X:
+            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
+            tl.store(dst, tl.where(hidden, 0.0, vals).to(grad_x_ptr.dtype.element_ty), mask=ok)
+        acc += tl.sum(tl.where(hidden, vals.to(tl.float32), 0.0), 0)
+    tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
 
 
 @triton.jit
@@ -240,7 +330,7 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.
     grid = (cdiv(B * K, rows), cdiv(D, block_d))
     wrap_triton(_gather_rows_kernel)[grid](
         x, ids, pos if pos is not None else x, out,
-        B * K, K, D,
+        B * K, K, D, N,
         x.stride(0), x.stride(1), x.stride(2),
         ids.stride(0), ids.stride(1),
         pos.stride(0) if pos is not None else 0, pos.stride(1) if pos is not None else 0,
@@ -297,6 +387,78 @@ def apply_mask_token(x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tens
         HAS_TOKEN=True, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
+
+
+def _reduce_tile(B: int, N: int, D: int, device: torch.device, partial: bool) -> Tuple[int, int, int, int]:
+    """(BATCH, ROWS, BLOCK_D, num_warps) for the backward kernels that sum over the batch.
+
+    Without a partial-sum buffer (the pos-embed gradient is per token) programs own 2 tokens, enough of
+    them to fill the GPU; with one (fill / mask-token gradients) 16 tokens, so that the [programs, D]
+    float32 partials stay ~1% of the traffic even at small batches.
+    """
+    if not _gpu_launch(device):
+        block_d = next_power_of_2(D)
+        rows = max(1, min(next_power_of_2(N), _INTERPRETER_TILE_ELEMS // block_d))
+        return max(1, min(next_power_of_2(B), _INTERPRETER_TILE_ELEMS // (rows * block_d))), rows, block_d, 4
+    block_d = min(_block_d(D), 256)
+    rows = 16 if partial else 2
+    # 8 warps for the partial kinds: their [16, BLOCK_D] float32 accumulator alone is 32 registers per
+    # thread at 4 warps (~185 in all on sm_90, 12% occupancy); 8 warps halve what each thread holds.
+    return max(1, _TILE_ELEMS // (rows * block_d)), rows, block_d, 8 if partial else 4
+
+
+def gather_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, num_tokens: int, need_x: bool, pos_dtype):
+    """(grad_x [B, N, D] or None, grad_pos [N, D]) of gather_tokens(x, ids, pos_embed), in one pass."""
+    B, K, D = grad_out.shape
+    grad_x = torch.empty(B, num_tokens, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    grad_pos = torch.empty(num_tokens, D, dtype=pos_dtype, device=grad_out.device)
+    if grad_pos.numel() == 0 or B == 0:
+        return (None if grad_x is None else grad_x.zero_()), grad_pos.zero_()
+    slot = _token_slots(ids, num_tokens)
+    batch, rows, block_d, num_warps = _reduce_tile(B, num_tokens, D, grad_out.device, partial=False)
+    wrap_triton(_gather_backward_kernel)[(cdiv(num_tokens, rows), cdiv(D, block_d))](
+        grad_out, slot, grad_x if need_x else grad_out, grad_pos,
+        B, num_tokens, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, grad_pos
+
+
+def scatter_tokens_backward(grad_out: torch.Tensor, ids: torch.Tensor, need_x: bool, fill_dtype):
+    """(grad_x_kept [B, K, D] or None, grad_fill [D]) of scatter_tokens(x_kept, ids, N, fill), in one pass."""
+    B, N, D = grad_out.shape
+    K = ids.shape[1]
+    grad_x = torch.empty(B, K, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    if B * N * D == 0:
+        return grad_x, torch.zeros(D, dtype=fill_dtype, device=grad_out.device)
+    slot = _token_slots(ids, N)
+    batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
+    partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
+    wrap_triton(_scatter_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
+        grad_out, slot, grad_x if need_x else grad_out, partial,
+        B, N, K, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, partial.sum(0).to(fill_dtype)
+
+
+def apply_mask_token_backward(grad_out: torch.Tensor, mask: torch.Tensor, need_x: bool, token_dtype):
+    """(grad_x [B, N, D] or None, grad_token [D]) of apply_mask_token(x, mask, token), in one pass."""
+    B, N, D = grad_out.shape
+    grad_x = torch.empty(B, N, D, dtype=grad_out.dtype, device=grad_out.device) if need_x else None
+    if B * N * D == 0:
+        return grad_x, torch.zeros(D, dtype=token_dtype, device=grad_out.device)
+    batch, rows, block_d, num_warps = _reduce_tile(B, N, D, grad_out.device, partial=True)
+    partial = torch.empty(cdiv(N, rows), D, dtype=torch.float32, device=grad_out.device)
+    wrap_triton(_mask_token_backward_kernel)[(cdiv(N, rows), cdiv(D, block_d))](
+        grad_out, mask.contiguous().view(torch.uint8), grad_x if need_x else grad_out, partial,
+        B, N, D,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        NEED_X=need_x, BATCH=batch, ROWS=rows, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return grad_x, partial.sum(0).to(token_dtype)
 
 
 def random_keep(seed: torch.Tensor, batch: int, num_tokens: int, keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

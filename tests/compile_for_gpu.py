@@ -19,6 +19,7 @@ must not be set (it is removed here before triton is imported).  ``tests/test_gp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -122,7 +123,13 @@ class Compiler:
             return None  # JITFunction.run then returns before the launch
 
         def _autotuned_run(tuner, *args, **kwargs):
-            configs = tuner.configs if (compiler.all_configs or compiler._full_case) else tuner.configs[:1]
+            # The configs the autotuner would time for this call (after its early pruning, e.g. by dtype).
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            try:
+                pruned = tuner.prune_configs(kwargs)
+            finally:
+                tuner.nargs = None
+            configs = pruned if (compiler.all_configs or compiler._full_case) else pruned[:1]
             fits = 0
             compiler._autotuning = True
             try:
@@ -153,7 +160,9 @@ class Compiler:
         consts = {fn.arg_names[k[0]]: v for k, v in constexprs.items() if fn.params[k[0]].is_constexpr}
         record = (fn.fn.__name__, consts, options.num_warps, options.num_stages, shared, seconds)
         self.records.append(record)
-        self.resources.append({"kernel": record[0], "num_warps": record[2], "num_stages": record[3],
+        first_ptr = next((t for t in signature.values() if isinstance(t, str) and t.startswith("*")), "")
+        self.resources.append({"kernel": record[0], "dtype": first_ptr.lstrip("*"), "num_warps": record[2],
+                               "num_stages": record[3],
                                **{k: getattr(v, "value", v) for k, v in consts.items()
                                   if isinstance(getattr(v, "value", v), (int, float, str, bool))},
                                **resource_usage(kernel, self.arch, options.num_warps)})
@@ -257,6 +266,8 @@ def sdist_cases():
 def attention_cases(compiler: Compiler):
     """Forward with and without the CLS export, and the backward, for head dims 32/64/80/128 and every
     dtype (float32 as IEEE and as TF32).  bf16 / Dh 64 / L 197 (the ViT-S/B case) runs every autotune config."""
+    from fastmask.kernels import cls_row as cr
+
     op = _fastmask_ops()
     first = True
     # (dtype, TF32 allowed, head dims): fp16 shares bf16's code but for the dot's input type.
@@ -271,7 +282,119 @@ def attention_cases(compiler: Compiler):
                 q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
                 out = op.attention(q, k, v, head_dim**-0.5, export, 1, "triton")[0]
                 out.sum().backward()
+                if export and not tf32:  # the CLS-row kernel that SDPA candidates run beside
+                    cr.cls_row(q.detach(), k.detach(), head_dim ** -0.5, 1)
+                    q12 = torch.zeros(2, 12, 197, head_dim, dtype=dtype)  # ViT-B's 12 heads: another BLOCK_H
+                    cr.cls_row(q12, q12, head_dim ** -0.5, 1)
     torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def attention_config_cases(compiler: Compiler):
+    """Every shipped attention autotune config, for each matrix unit (bf16 MMA, TF32 MMA, float32 FMA),
+    at head dims 64 (ViT-S/B) and 128 (the largest tile; 80 pads to it), forward with and without the
+    CLS export and the backward, at L = 197: what the sm_90 quality test checks config by config."""
+    op = _fastmask_ops()
+    compiler._full_case = True
+    for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, True), (torch.float32, False)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for head_dim in (64, 128):
+            for export in (True, False):
+                q, k, v = (torch.zeros(2, 3, 197, head_dim, dtype=dtype, requires_grad=True) for _ in range(3))
+                out = op.attention(q, k, v, head_dim**-0.5, export, 1, "triton")[0]
+                if export:  # one backward per (dtype, head dim): it does not depend on the export
+                    out.sum().backward()
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+# ------------------------------------------------------------------- the GPU code path under torch.compile
+
+@contextlib.contextmanager
+def gpu_code_path(arch: int = 90):
+    """Run fastmask's ops on CPU tensors as they run on a GPU, for tracing without one.
+
+    Inside: Triton launches compile for ``sm_<arch>`` and launch nothing (``Compiler``), the backend
+    choice picks ``triton`` for CPU tensors as it does for CUDA tensors, the launchers use the GPU
+    tile shapes, and ``fastmask::*`` operators decompose into their ``wrap_triton`` launches under
+    ``torch.compile`` (the interpreter is off in this process).  So ``torch._dynamo.explain`` and
+    ``torch.compile(fullgraph=True)`` trace exactly the code an H200 run traces; the outputs are
+    garbage (nothing runs).  Use from a process that imported triton without ``TRITON_INTERPRET``
+    (this module removes it on import), e.g. ``python tests/compile_for_gpu.py --graph-breaks``.
+    """
+    import fastmask  # noqa: F401  (registers the operators)
+    from fastmask import _backend, library
+    from fastmask.kernels import token_gather as tg
+
+    assert not library._INTERPRET, "import this module before fastmask (TRITON_INTERPRET must be unset)"
+    compiler = Compiler(arch, all_configs=False, quiet=True)
+    compiler._full_case = False  # autotuned kernels: their first config only
+    compiler.install()
+    saved = (_backend.AVAILABLE["triton"], _backend.triton_interpret, tg._gpu_launch)
+    _backend.AVAILABLE["triton"] = (True, f"target-only sm_{arch} driver: compiles launches, runs nothing")
+    _backend.triton_interpret = lambda: True  # CPU tensors may take the triton backend
+    tg._gpu_launch = lambda device: True
+    try:
+        yield
+    finally:
+        _backend.AVAILABLE["triton"], _backend.triton_interpret, tg._gpu_launch = saved
+
+
+def graph_breaks(fn, *args, **kwargs) -> int:
+    """Graph breaks ``torch.compile`` meets in ``fn(*args, **kwargs)`` (``torch._dynamo.explain``)."""
+    torch._dynamo.reset()
+    try:
+        return torch._dynamo.explain(fn)(*args, **kwargs).graph_break_count
+    finally:
+        torch._dynamo.reset()
+
+
+def op_calls():
+    """One call of each public op as a masked ViT step makes it (backend chosen as on a GPU)."""
+    from fastmask import ops
+
+    B, N, D, H, Dh = 2, 196, 64, 2, 32
+    x = torch.zeros(B, N, D, requires_grad=True)
+    pos = torch.zeros(1, N, D)
+    token = torch.zeros(D, requires_grad=True)
+    ids = torch.arange(0, N, 4).expand(B, -1).contiguous()
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    attn = torch.rand(B, N)
+    ratio = torch.full((B,), 0.3)
+    q = torch.zeros(B, H, N + 1, Dh, requires_grad=True)
+
+    def loss(out):
+        return sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,)) if o.is_floating_point())
+
+    return {
+        "gather_tokens": lambda: loss(ops.gather_tokens(x, ids, pos_embed=pos)),
+        "scatter_tokens": lambda: loss(ops.scatter_tokens(x[:, :49], ids, N, token)),
+        "apply_mask_token": lambda: loss(ops.apply_mask_token(x, mask, token)),
+        "random_masking": lambda: loss(ops.random_masking(x, 0.75, pos_embed=pos).x_kept),
+        "random_keep": lambda: ops.random_keep(B, N, 0.5).mask,
+        "topk_tokens": lambda: ops.topk_tokens(attn, 98),
+        "cls_attention_mask": lambda: ops.cls_attention_mask(attn, ratio, mode="hint", mask_prob=0.5, show_ratio=0.05),
+        "attention": lambda: loss(ops.attention(q, q, q, return_cls_attn=True)),
+    }
+
+
+def gpu_path_graph_breaks(compile_ops=("gather_tokens", "cls_attention_mask")) -> dict:
+    """{op: graph breaks} on the GPU code path; the ops in ``compile_ops`` are also compiled with
+    ``torch.compile(fullgraph=True, backend="aot_eager")`` (Triton launches traced via wrap_triton,
+    each compiled for the target) and their backward run."""
+    from fastmask import _backend
+
+    counts = {}
+    with gpu_code_path():
+        for name, call in op_calls().items():
+            assert _backend.select(name if name != "random_keep" else "random_keep", torch.device("cpu")) in (
+                "triton", "cuda"), name
+            counts[name] = graph_breaks(call)
+            if name in compile_ops:
+                torch._dynamo.reset()
+                out = torch.compile(call, backend="aot_eager", fullgraph=True)()
+                if out.requires_grad:
+                    out.backward()
+                torch._dynamo.reset()
+    return counts
 
 
 def main(argv=None):
@@ -279,10 +402,16 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config for every case")
     parser.add_argument("--quiet", action="store_true")
-    parser.add_argument("--only", nargs="+", choices=("token", "topk", "sdist", "attention"), default=None,
+    parser.add_argument("--only", nargs="+", choices=("token", "topk", "sdist", "attention", "attention-configs"),
+                        default=None,
                         help="compile only these kernel families")
     parser.add_argument("--report", default=None, help="write every compile's resource usage to this JSON file")
+    parser.add_argument("--graph-breaks", action="store_true",
+                        help="print the graph breaks of each op on the GPU code path as JSON, compile nothing else")
     args = parser.parse_args(argv)
+    if args.graph_breaks:
+        print(json.dumps({"graph_breaks": gpu_path_graph_breaks()}))
+        return
     families = args.only or ("token", "topk", "sdist", "attention")
     report = {}
     start = time.perf_counter()
@@ -298,6 +427,8 @@ def main(argv=None):
             sdist_cases()
         if "attention" in families:
             attention_cases(compiler)
+        if "attention-configs" in families:
+            attention_config_cases(compiler)
         total += len(compiler.records)
         report[f"sm_{arch}"] = compiler.resources
         kernels = sorted({r[0] for r in compiler.records})

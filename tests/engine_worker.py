@@ -44,11 +44,12 @@ CASES = {
     "ibot": ("ibot_tiny_builtin", SSL_HEAD + ["method.patch_out_dim=64", "method.mask=attmask_high",
                                               "method.mask_ratio=[0.3,0.3]", "method.mask_prob=1.0",
                                               "optim.teacher_momentum=0.9"]),
-    "maskedkd": ("maskedkd_tiny_builtin", NO_MIX + ["method.teacher.depth=1", "method.teacher.arch=vit_tiny",
+    # random teachers (checkpoint=none): the recipes' `auto` would first train one
+    "maskedkd": ("maskedkd_tiny_builtin", NO_MIX + ["method.teacher.checkpoint=none", "method.teacher.depth=1", "method.teacher.arch=vit_tiny",
                                                     "method.teacher.embed_dim=24", "method.teacher.num_heads=2",
                                                     "method.teacher_keep=0.5"]),
     "masksub": ("masksub_tiny_builtin", NO_MIX + ["method.mask_ratio=0.5"]),
-    "maskdistill": ("maskdistill_tiny_builtin", ["method.teacher.depth=1", "method.teacher.embed_dim=24",
+    "maskdistill": ("maskdistill_tiny_builtin", ["method.teacher.checkpoint=none", "method.teacher.depth=1", "method.teacher.embed_dim=24",
                                                  "method.mask_min_patches=2"]),
 }
 

@@ -1,6 +1,6 @@
 """fastmask.ops.attention (Triton kernel in kernels/cls_attention.py) against the PyTorch reference.
 
-On the CPU the kernels run under the Triton interpreter (fixed 16x16 blocks), so the shapes are
+On the CPU the kernels run under the Triton interpreter (fixed 32x32 blocks, 16-row tail tiles), so the shapes are
 small but deliberately awkward: lengths that are not multiples of the block (1, 2, 17, 50, 65, 197),
 head dims that are not powers of two (48), 1-3 batches and heads, prefix tokens 1 and 2, strided
 views like timm's qkv split.  The GPU tests at the end check ViT shapes against the reference and

@@ -65,3 +65,20 @@ def test_cli_on_a_timm_safetensors_file(tmp_path, capsys):
     assert "k-NN" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_online_linear_probe_in_the_driver_evaluation(tmp_path):
+    from fastmask.config import load_config
+    from fastmask.engine.evaluation import evaluate
+    from fastmask.methods import get_method
+
+    cfg = load_config(config="dino_tiny_builtin", overrides=[
+        "linear_probe_epochs=10", "attn_images=0", "data.num_workers=0", "knn_max_train=500", "model.depth=1"])
+    method = get_method("dino")(cfg, 10)
+    res = evaluate(cfg, method, device=torch.device("cpu"), amp_dtype=None, num_classes=10, out_dir=str(tmp_path),
+                   epoch=0)
+    assert res["linear_top1"] > 20.0 and res["linear_best_lr"] in (0.001, 0.01, 0.1, 1.0) and "knn_top1" in res
+    off = load_config(config="dino_tiny_builtin", overrides=["attn_images=0", "data.num_workers=0", "knn_max_train=500",
+                                                              "model.depth=1"])
+    assert "linear_top1" not in evaluate(off, method, device=torch.device("cpu"), amp_dtype=None, num_classes=10,
+                                         out_dir=str(tmp_path), epoch=0)

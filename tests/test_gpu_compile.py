@@ -48,3 +48,22 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     compiled = set(summary.group(3).split(", "))
     assert compiled == _launched_kernels(), f"not compiled: {_launched_kernels() - compiled}"
     assert int(summary.group(1)) >= 150  # every dtype / head dim / constexpr branch, not one case each
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_NO_NVIDIA_BACKEND is not None, reason=str(_NO_NVIDIA_BACKEND))
+def test_every_op_has_no_graph_break_on_the_gpu_code_path(tmp_path):
+    """torch.compile traces each op as on the H200: backend triton, GPU tiles, operators decomposed into
+    their wrap_triton launches (compiled for sm_90, run nowhere); ``compile_for_gpu.graph_breaks`` is
+    the helper that model-level tests use for the same count."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = os.environ.get("FASTMASK_TEST_TRITON_CACHE", str(tmp_path / "triton-cache"))
+    env.pop("FASTMASK_BACKEND", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_for_gpu.py"), "--graph-breaks"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])["graph_breaks"]
+    assert counts == {op: 0 for op in ("gather_tokens", "scatter_tokens", "apply_mask_token", "random_masking",
+                                       "random_keep", "topk_tokens", "cls_attention_mask", "attention")}

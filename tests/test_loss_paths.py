@@ -168,7 +168,8 @@ def test_ibot_masked_patch_head_matches_all_tokens(mask):
     torch.testing.assert_close(parts_b["loss_patch"], parts_a["loss_patch"], rtol=1e-5, atol=1e-6)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        # atol 1e-5: the mask token's gradient sums over every hidden position in a different order.
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(lean.loss_fn.center_patch, today.loss_fn.center_patch)
 
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from fastmask import ops
 from fastmask.config import ModelConfig, TrainConfig
 from fastmask.flops import SavedActivationMeter
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
-from fastmask.methods.masksub import MaskSub, MaskSubConfig, random_keep_ids, sub_branch_regularisation
+from fastmask.methods.masksub import MaskSub, MaskSubConfig, sub_branch_regularisation
 from fastmask.methods.supervised import (
     TargetMixer,
     classification_loss,
@@ -101,6 +102,10 @@ def test_sub_branch_runs_on_half_the_tokens_after_main_backward(img_size, patch_
     # main forward on CLS + N, its backward, then the sub forward on CLS + K and its backward
     assert events == [("forward", 1 + N), ("backward", None), ("forward", 1 + K), ("backward", None)]
     assert metrics["sub_tokens"] == K
+
+
+def random_keep_ids(batch, num_patches, mask_ratio, *, generator, device):
+    return ops.random_keep(batch, num_patches, mask_ratio, generator=generator, device=device).ids_keep
 
 
 def test_random_keep_ids_are_sorted_unique_and_reproducible():

@@ -12,7 +12,8 @@ import torch
 from fastmask.config import load_config
 from fastmask.methods import get_method
 from fastmask.methods.base import StepState
-from fastmask.methods.dino import mask_to_ids_keep
+from fastmask import ops
+from fastmask.methods.dino import drop_keep_ids
 from fastmask.methods.losses import DINOLoss, IBOTLoss, teacher_temperature
 
 TINY_MODEL = ["model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch_size=8",
@@ -118,16 +119,20 @@ def test_ibot_loss_patch_term_only_on_masked_tokens():
     torch.testing.assert_close(parts2["loss_patch"], expected)
 
 
-def test_mask_to_ids_keep_sorted_complement():
-    gen = torch.Generator().manual_seed(0)
-    b, n, hidden = 5, 37, 11
-    mask = torch.zeros(b, n, dtype=torch.bool)
-    for i in range(b):
-        mask[i, torch.randperm(n, generator=gen)[:hidden]] = True
-    ids = mask_to_ids_keep(mask)
-    assert ids.shape == (b, n - hidden)
-    for i in range(b):
-        assert ids[i].tolist() == (~mask[i]).nonzero().flatten().tolist()
+def test_drop_mode_ids_and_masks_come_from_one_random_keep():
+    from fastmask.models import create_vit
+
+    backbone = create_vit("vit_tiny", patch_size=8, img_size=32, depth=1, embed_dim=32, num_heads=2)
+    crops = [torch.zeros(5, 3, 32, 32), torch.zeros(3, 3, 32, 32)]
+    ids, masks = drop_keep_ids(crops, backbone, 0.3, generator=torch.Generator().manual_seed(2))
+    kept = ops.random_keep(8, 16, 0.3, generator=torch.Generator().manual_seed(2))
+    assert [i.shape for i in ids] == [(5, 11), (3, 11)] and [m.shape for m in masks] == [(5, 16), (3, 16)]
+    torch.testing.assert_close(torch.cat(ids), kept.ids_keep)
+    torch.testing.assert_close(torch.cat(masks), kept.mask)
+    for i, m in zip(torch.cat(ids), torch.cat(masks)):
+        assert i.tolist() == (~m).nonzero().flatten().tolist()
+    with pytest.raises(ValueError, match="one size"):
+        drop_keep_ids([crops[0], torch.zeros(2, 3, 16, 16)], backbone, 0.3)
 
 
 # ------------------------------------------------------------------------------------- dino masking

@@ -133,7 +133,7 @@ def test_recipe_and_analysis_loader_take_timm_names(tmp_path):
     from fastmask.config import load_config
     from fastmask.methods.base import build_backbone
 
-    cfg = load_config(overrides=["model.arch=deit3_small_patch16_224", "model.patch_size=8", "model.img_size=32",
+    cfg = load_config(overrides=["model.arch=deit3_small_patch16_224", "model.patch_size=16", "model.img_size=32",
                              "model.depth=1"])
     backbone = build_backbone(cfg)
     assert isinstance(backbone, MaskedViT) and backbone.no_embed_class and backbone.blocks[0].ls1.gamma.numel() == 384
@@ -150,3 +150,13 @@ def test_recipe_and_analysis_loader_take_timm_names(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), src(x), rtol=1e-4, atol=1e-5)
     assert info["img_size"] == 64 and info["embed_dim"] == 768
+
+
+def test_config_catches_a_patch_size_the_name_contradicts():
+    from fastmask.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.patch_size: 16 differs from the patch size 14 .*set model.patch_size=14"):
+        load_config(overrides=["model.arch=vit_small_patch14_dinov2", "model.patch_size=16"])
+    cfg = load_config(overrides=["model.arch=vit_small_patch14_dinov2", "model.patch_size=14", "model.img_size=28",
+                                 "data.image_size=28", "data.local_size=14"])
+    assert cfg.model.arch == "vit_small_patch14_dinov2"

@@ -81,15 +81,15 @@ def test_cls_attn_equals_explicit_softmax(num_prefix_tokens, L):
     torch.testing.assert_close(matrix.double(), probs, rtol=1e-5, atol=1e-6)
 
 
-def test_store_flags_keep_last_call():
-    attn = Attention(DIM, HEADS, qkv_bias=True, store_cls_attn=True).eval()
-    assert attn.cls_attn is None
+def test_cls_map_is_a_return_value_only():
+    attn = Attention(DIM, HEADS, qkv_bias=True).eval()
     x = torch.randn(2, 9, DIM, requires_grad=True)
-    attn(x)
-    first = attn.cls_attn
-    assert first.shape == (2, 8) and not first.requires_grad
-    attn(x[:1, :5])
-    assert attn.cls_attn.shape == (1, 4)
+    before = dict(vars(attn))
+    out, cls_attn = attn(x, return_cls_attn=True)
+    assert cls_attn.shape == (2, 8) and not cls_attn.requires_grad
+    # No module state changes during a call (no map kept on the module).
+    assert vars(attn).keys() == before.keys() and not hasattr(attn, "cls_attn")
+    assert not hasattr(attn, "store_cls_attn")
     attn.store_attn_matrix = True
     attn(x)
     assert attn.attn_matrix.shape == (2, HEADS, 9, 9) and not attn.attn_matrix.requires_grad
@@ -182,9 +182,9 @@ def test_convert_attention_keeps_outputs_and_parameters(name, kw, prefix):
     assert all(p is params[n] for n, p in model.named_parameters())
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     # The CLS map of a converted block is over the patch keys only.
-    model.blocks[-1].attn.store_cls_attn = True
-    model(x)
-    assert model.blocks[-1].attn.cls_attn.shape == (2, 16)
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    _, cls_attn = model.blocks[-1].attn(tokens, return_cls_attn=True)
+    assert cls_attn.shape == (2, 16)
     # Converting again only updates num_prefix_tokens.
     assert convert_attention(model, num_prefix_tokens=1) == 0
     assert all(m.num_prefix_tokens == 1 for m in iter_attention(model))
@@ -228,6 +228,25 @@ def test_module_on_triton_backend_matches_torch(monkeypatch):
 
 
 def test_deepcopy_and_pickle_roundtrip_keep_flags():
-    attn = Attention(DIM, HEADS, num_prefix_tokens=2, store_cls_attn=True)
+    attn = Attention(DIM, HEADS, num_prefix_tokens=2, explicit_attention=True)
     clone = copy.deepcopy(attn)
-    assert clone.num_prefix_tokens == 2 and clone.store_cls_attn
+    assert clone.num_prefix_tokens == 2 and clone.explicit_attention
+
+
+@pytest.mark.parametrize("init_values", [None, 0.1])
+def test_block_returns_the_cls_map_of_its_attention(init_values):
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from fastmask.nn import convert_blocks
+
+    torch.manual_seed(1)
+    ref = TimmBlock(DIM, HEADS, qkv_bias=True, init_values=init_values).eval()
+    ours = copy.deepcopy(ref)
+    assert convert_blocks(ours, num_prefix_tokens=2) == 1 and type(ours) is Block
+    x = torch.randn(2, 11, DIM)
+    out, cls_attn = ours(x, return_cls_attn=True)
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), out)
+    _, expected = ours.attn(ours.norm1(x), return_cls_attn=True)
+    assert cls_attn.shape == (2, 9)
+    torch.testing.assert_close(cls_attn, expected)

@@ -504,8 +504,9 @@ int main() {
       }
       std::vector<char> out(B * N, 0);
       bool* mask = reinterpret_cast<bool*>(out.data());
-      if (bits == 32) launch(B, N, [&] { cls_attention_mask_kernel<float>(f.data(), counts[0], counts[1], mask, N, seed, threshold, candidates, mode); });
-      else launch(B, N, [&] { cls_attention_mask_kernel<Half16>(h.data(), counts[0], counts[1], mask, N, seed, threshold, candidates, mode); });
+      const int64_t* seed_ptr = reinterpret_cast<const int64_t*>(&seed);  // the kernel reads it from memory
+      if (bits == 32) launch(B, N, [&] { cls_attention_mask_kernel<float>(f.data(), counts[0], counts[1], mask, N, seed_ptr, threshold, candidates, mode); });
+      else launch(B, N, [&] { cls_attention_mask_kernel<Half16>(h.data(), counts[0], counts[1], mask, N, seed_ptr, threshold, candidates, mode); });
       for (auto v : out) std::cout << int(v) << ' ';
     }
     std::cout << "|\n";

@@ -95,7 +95,7 @@ def test_recipes_load(recipe):
     (["optim.betas=[0.9]"], "optim.betas: expected a list of 2 values"),
     (["data.batch_size=abc"], "data.batch_size: expected an integer, got 'abc'"),
     (["model=3"], "model: expected a mapping of ModelConfig fields"),
-    (["compile=maybe"], "compile: expected true/false"),
+    (["compile=maybe"], "compile: must be none, blocks or step"),
 ])
 def test_bad_config_fails_with_clear_message(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -280,6 +280,7 @@ def _assert_same_tensors(a, b, where=""):
 @pytest.mark.parametrize("method_name,extra", [
     ("dino", ["method.student_mask=random", "method.student_mask_mode=drop"]),
     ("ibot", ["method.mask=attmask_high", "method.patch_out_dim=64"]),
+    ("dino", ["data.batch_size=4", "optim.accum_steps=2"]),  # 2 loader batches per step
 ])
 def test_kill_and_resume_gives_the_uninterrupted_parameters(tiny_folder, tmp_path, method_name, extra):
     recipe = f"{method_name}_tiny_builtin"

@@ -75,7 +75,9 @@ def load_full_state(method: torch.nn.Module, optimizer, model_state: Dict[str, A
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     set_model_state_dict(method, model_state, options=_options())
-    set_optimizer_state_dict(method, optimizer, optim_state, options=_options())
+    # strict=False: a parameter that has had no gradient yet (DINO's last layer while frozen) has no
+    # optimizer state, exactly as in the uninterrupted run; strict loading refuses such checkpoints.
+    set_optimizer_state_dict(method, optimizer, optim_state, options=_options(strict=False))
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:

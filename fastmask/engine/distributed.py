@@ -150,6 +150,11 @@ def shard_fsdp(method: nn.Module, mixed_precision: bool) -> int:
         roots["teacher"] = teacher
     units = 0
     for root in roots.values():
+        # BatchNorm (DINO/iBOT heads with use_bn) keeps float32 statistics buffers that FSDP does
+        # not cast: its own float32 unit, inputs cast to float32.
+        for bn in [m for m in root.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            fully_shard(bn, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=True))
+            units += 1
         vits = [m for m in root.modules() if isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList))]
         for vit in vits:
             for blk in vit.blocks:

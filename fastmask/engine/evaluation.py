@@ -20,8 +20,9 @@ __all__ = ["evaluate", "extract_features", "knn_accuracy", "save_attention_maps"
 def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, epoch: int,
              write_images: bool = True) -> Dict[str, float]:
     """k-NN accuracy on the val split (features of the train split as memory), the method's own
-    validation metrics (supervised top-1/top-5) and attention maps.  Runs on one process (rank 0):
-    the loaders read the whole splits."""
+    validation metrics (supervised top-1/top-5) and attention maps.  Runs on rank 0 (the loaders read
+    the whole splits), and on every rank with ``write_images`` False on the others when the networks
+    are sharded (FSDP: every forward needs every rank)."""
     backbone = method.eval_backbone()
     was_training = backbone.training
     backbone.eval()
@@ -38,12 +39,16 @@ def evaluate(cfg, method, *, device, amp_dtype, num_classes: int, out_dir: str, 
         probe = linear_probe(tr_f, tr_y, va_f, va_y, num_classes, epochs=cfg.linear_probe_epochs)
         result.update(linear_top1=probe["top1"], linear_best_lr=probe["best_lr"])
     result["eval_seconds"] = time.perf_counter() - t0
-    if cfg.attn_images > 0 and write_images:
+    if cfg.attn_images > 0:
         images = pick_images(val_eval, cfg.attn_images).to(device)
-        path = save_attention_maps(backbone, images, os.path.join(out_dir, "attention", f"epoch{epoch + 1:04d}.png"),
-                                   amp_dtype)
-        if path:
-            print(f"[fastmask] attention maps: {path}")
+        if write_images:
+            path = save_attention_maps(backbone, images, os.path.join(out_dir, "attention", f"epoch{epoch + 1:04d}.png"),
+                                       amp_dtype)
+            if path:
+                print(f"[fastmask] attention maps: {path}")
+        else:  # a sharded backbone: this rank takes part in rank 0's forward, writes nothing
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                backbone.forward_features(images, return_cls_attn=True)
     backbone.train(was_training)
     return result
 

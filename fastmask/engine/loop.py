@@ -33,6 +33,8 @@ from ..methods import get_method
 from ..methods.base import Method, StepState
 from . import checkpoint as ckpt_io
 from . import distributed as D
+from .auto_teacher import resolve_auto_teacher
+from .compile import compile_step
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
@@ -81,29 +83,6 @@ def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "
         except ImportError:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-def compile_in_place(method: torch.nn.Module) -> int:
-    """torch.compile the transformer blocks and head MLPs, in place (``nn.Module.compile``).
-
-    Methods call ``forward_features``/``forward_cls`` rather than ``forward`` of their models, so the
-    modules compiled are the ones always entered through ``__call__``: every ViT block and every
-    projection MLP.  In place keeps state-dict keys, checkpoints and EMA pairing unchanged.
-    """
-    count = 0
-    for module in method.modules():
-        blocks = getattr(module, "blocks", None)
-        if isinstance(blocks, torch.nn.Sequential) and hasattr(module, "forward_features"):
-            for blk in blocks:
-                blk.compile()
-                count += 1
-        mlp = getattr(module, "mlp", None)
-        if isinstance(mlp, torch.nn.Sequential) and hasattr(module, "last_layer"):
-            mlp.compile()
-            count += 1
-    if count == 0:
-        warnings.warn("compile=true: found no ViT blocks or head MLPs to compile")
-    return count
 
 
 class RunLog:
@@ -187,6 +166,7 @@ class Trainer:
         # Every user mistake fails here, in one line, before anything is written (engine.preflight).
         checked = preflight(cfg, self.world, self.dist.local_rank)
         D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
+        resolve_auto_teacher(cfg, self.world, self.rank)  # method.teacher.checkpoint=auto: cached, else trained once
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)
         self.method_cls = get_method(cfg.method_name)
@@ -212,16 +192,21 @@ class Trainer:
         random.seed(cfg.seed)
         self.method: Method = self.method_cls(cfg, self.num_classes).to(self.device)
         D.broadcast_module(self.method)
-        if cfg.compile:
-            compile_in_place(self.method)
         # What runs the step: the method itself, or DDP around its trained modules; FSDP shards in place.
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.ddp = None
         if self.fsdp:
             D.shard_fsdp(self.method, cfg.fsdp_mixed_precision)
+            if cfg.fsdp_mixed_precision and self.amp_dtype is None:
+                # bf16 parameters meet float32 tensors between FSDP units (heads, losses): autocast
+                # is what makes them agree (on a GPU amp=auto is bf16 already).
+                self.amp_dtype = torch.bfloat16
         elif self.world > 1:
             self.ddp = D.wrap_ddp(self.method, cfg.ddp_bucket_mb)
         self.trainable = [p for g in self.method.param_groups(0.0) for p in g["params"]]
+        # compile=none|blocks|step: forward, loss and backward of a micro-batch (fastmask/engine/compile.py).
+        self.step_fn = compile_step(self.method, cfg.compile, compile_mode=cfg.compile_mode or None,
+                                    forward=self.ddp)
 
         self.global_batch = self._global_batch_size()
         scale = self.global_batch / 256.0 if cfg.optim.scale_lr_by_batch else 1.0
@@ -383,9 +368,7 @@ class Trainer:
         the loss it returns.  ``sync``: False on all but the last micro-batch of an accumulated step."""
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            loss, metrics = self.ddp(batch, state) if self.ddp is not None else self.method.training_step(batch, state)
-        self._backward(loss)
-        return loss, metrics
+            return self.step_fn(batch, state)
 
     def _optimizer_step(self) -> None:
         if self.scaler is not None:
@@ -486,7 +469,11 @@ class Trainer:
             t_epoch = time.perf_counter()
             epoch_images = 0
             micro_batches = []
-            for batch_idx, batch in enumerate(self.train_loader):
+            first = 0
+            if skip and hasattr(self.train_loader, "set_start_batch"):
+                self.train_loader.set_start_batch(skip)  # sharded loaders skip without reading
+                first = skip
+            for batch_idx, batch in enumerate(self.train_loader, start=first):
                 if batch_idx < skip:
                     continue  # resumed mid-epoch: the loader's order is a function of (seed, epoch)
                 if done_in_epoch >= self.steps_per_epoch:

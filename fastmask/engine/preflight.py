@@ -160,6 +160,15 @@ def _check_data_source(cfg, world: int) -> int:
         root = resolve_data_root(cfg.data)
     except ValueError as e:  # builtin:unknown, bad builtin option
         raise UsageError(f"{where}: {e}") from None
+    from ..data.webdataset import ShardedPlan, is_shard_split, scan_shards
+
+    if is_shard_split(root, "train"):  # webdataset .tar shards: whole tars per rank
+        try:
+            split, val = scan_shards(root, "train"), scan_shards(root, "val")
+            plan = ShardedPlan(split.shard_sizes, int(cfg.data.batch_size), 0, world, cfg.seed, True, True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"{where}: {e}") from None
+        return len(plan)
     try:
         split = scan_image_folder(root, "train", validate=cfg.data.validate, cache_dir=cfg.data.cache_dir)
         val = scan_image_folder(root, "val", validate=cfg.data.validate, cache_dir=cfg.data.cache_dir)

@@ -16,6 +16,11 @@ Protocol (see ``fastmask/train.py`` for the caller):
   the device: ``(crops: list[Tensor], labels)`` for multicrop, ``(images, labels)`` for supervised.
   The driver back-propagates ``loss``; a ``manual_backward`` method under ``state.defer_last_backward``
   returns the part it has not back-propagated and the total as ``metrics["loss"]``.
+  With ``compile=step`` the driver compiles it whole (with the backward) in one graph, so it does
+  tensor work only: no ``.item()``, no data-dependent Python branches, no host RNG.
+* ``prepare_batch(batch, state) -> batch``: host-side work the driver runs eagerly before the step
+  (e.g. timm's Mixup/CutMix, which draw from numpy); ``training_step`` must accept both a raw and a
+  prepared batch (default: the batch unchanged).
 * ``cancel_last_layer_grads(state)``: called after backward (and after gradient unscaling/clipping)
   while ``state.freeze_last_layer`` is True, i.e. during the first ``optim.freeze_last_layer_epochs``.
 * ``on_after_optimizer_step(state)``: e.g. the EMA teacher update with ``state.teacher_momentum``.
@@ -131,6 +136,10 @@ class Method(nn.Module):
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
 
+    def prepare_batch(self, batch, state: StepState):
+        """Host-side work on the batch that a compiled step cannot contain (run before ``training_step``)."""
+        return batch
+
     def on_after_optimizer_step(self, state: StepState) -> None:
         """Called once per step after optimizer.step() (e.g. EMA teacher update)."""
 
@@ -210,7 +219,10 @@ def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 
         kwargs["act_layer"] = tcfg.act_layer
     teacher = create_vit(tcfg.arch, patch_size=patch, img_size=img_size or student_grid[0] * patch,
                          num_classes=num_classes, **kwargs)
-    if tcfg.checkpoint:
+    if tcfg.checkpoint == "auto":  # resolved by the training driver (engine.auto_teacher); not here
+        warnings.warn(f"{method}: method.teacher.checkpoint=auto is resolved by python -m fastmask.train; built "
+                      "outside it the teacher is randomly initialised", stacklevel=3)
+    elif tcfg.checkpoint:
         load_checkpoint(teacher, os.path.expanduser(tcfg.checkpoint), key=tcfg.checkpoint_key)
     else:
         warnings.warn(f"{method} without method.teacher.checkpoint: the teacher is randomly initialised, which "

@@ -27,11 +27,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .. import ops
 from .base import SelfDistillation, StepState
 from .losses import DINOLoss
 from .schedules import teacher_temp_at
 
-__all__ = ["DINO", "DINOConfig", "METHOD", "MASK_CHOICES", "MASK_MODES", "build_student_masks", "mask_to_ids_keep"]
+__all__ = ["DINO", "DINOConfig", "METHOD", "MASK_CHOICES", "MASK_MODES", "build_student_masks", "drop_keep_ids"]
 
 MASK_CHOICES = ("none", "random", "attmask_high", "attmask_low", "attmask_hint")
 MASK_MODES = ("mask_token", "drop")
@@ -110,16 +111,18 @@ def check_attmask_options(ratio_per: str, hint_count: str, temp_warmup: str) -> 
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def mask_to_ids_keep(mask: torch.Tensor) -> torch.Tensor:
-    """Kept patch indices [B, K] (ascending) of a bool mask [B, N] with the same count per row.
-
-    A stable sort of the mask puts the kept (False) positions first in their original order, with
-    no host synchronisation.
-    """
-    counts = (~mask).sum(dim=1)
-    keep = int(counts[0]) if mask.shape[0] else 0
-    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-    return order[:, :keep]
+def drop_keep_ids(global_crops: List[torch.Tensor], backbone, ratio: float, *,
+                  generator: Optional[torch.Generator] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Drop mode: per global crop, the kept patch ids [B, K] (ascending, ``K = int(N * (1 - ratio))``)
+    and the mask [B, N] they leave, from one ``ops.random_keep`` over the crops' concatenated batch
+    (the ids and the mask come out of the same op: no conversion, no host sync)."""
+    grids = {backbone.grid_for(tuple(c.shape[-2:])) for c in global_crops}
+    if len(grids) != 1:
+        raise ValueError(f"student_mask_mode=drop needs global crops of one size, got grids {sorted(grids)}")
+    (h, w), = grids
+    sizes = [c.shape[0] for c in global_crops]
+    kept = ops.random_keep(sum(sizes), h * w, ratio, generator=generator, device=global_crops[0].device)
+    return list(kept.ids_keep.split(sizes)), list(kept.mask.split(sizes))
 
 
 def _policy_kwargs(mcfg, kind: str):
@@ -198,15 +201,17 @@ class DINO(SelfDistillation):
             t_out = self.teacher(globals_, return_cls_attn=attmask)
         masks = ids_keep = None
         mask_frac = None
-        if self.policy is not None:
+        if m.student_mask_mode == "drop" and self.policy is not None:
+            global_ids, global_masks = drop_keep_ids(globals_, self.student.backbone, m.student_mask_ratio,
+                                                     generator=state.generator)
+            ids_keep = global_ids + [None] * len(locals_)
+            mask_frac = torch.stack([gm.float().mean() for gm in global_masks]).mean()
+        elif self.policy is not None:
             global_masks = build_student_masks(self.policy, globals_, self.student.backbone,
                                                cls_attn=t_out.cls_attn if attmask else None,
                                                generator=state.generator)
             mask_frac = torch.stack([gm.float().mean() for gm in global_masks]).mean()
-            if m.student_mask_mode == "drop":
-                ids_keep = [mask_to_ids_keep(gm) for gm in global_masks] + [None] * len(locals_)
-            else:
-                masks = list(global_masks) + [None] * len(locals_)
+            masks = list(global_masks) + [None] * len(locals_)
         s_out = self.student(globals_ + locals_, masks=masks, ids_keep=ids_keep, head_on_cls=not m.fuse_last_layer)
         temp = self.teacher_temp(state)
         s_cls = s_out.cls

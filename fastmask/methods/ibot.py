@@ -180,9 +180,12 @@ class IBOT(SelfDistillation):
         all_masks = torch.cat(masks)
         s_patch, masked_ids = torch.cat(s_glob.patch), None
         if self.masked_patch_head:
-            # The patch loss reads the masked tokens only: the head runs on those [M, D] alone.
-            masked_ids = masked_token_ids(all_masks)
-            s_patch = gather_rows(s_patch, masked_ids)
+            # The patch loss reads the masked tokens only: the head runs on those [M, D] alone.  A
+            # compiled step keeps static shapes instead (M is data-dependent): head on every token,
+            # the loss weighted by the mask.
+            if not torch.compiler.is_compiling():
+                masked_ids = masked_token_ids(all_masks)
+                s_patch = gather_rows(s_patch, masked_ids)
             if fuse:
                 layer = head.last_layer if head.last_layer2 is None else head.last_layer2
                 s_patch = (head.project(s_patch), layer.weight)

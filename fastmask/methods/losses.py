@@ -68,8 +68,9 @@ def _batch_mean(x: torch.Tensor) -> torch.Tensor:
 def _cross_view_weights(n_global: int, n_crops: int, device) -> torch.Tensor:
     """[n_global, n_crops] weights of the (teacher view, student view) pairs: every pair but the same
     view, averaged (DINO's ``total_loss / n_loss_terms``)."""
-    w = torch.ones(n_global, n_crops, device=device)
-    w[:, :n_global].fill_diagonal_(0.0)
+    # Built out of place: fill_diagonal_ on a slice is an as_strided mutation AOTAutograd refuses.
+    views = torch.arange(n_crops, device=device)
+    w = (views[None, :] != views[:n_global, None]).float()
     return w / w.sum().clamp_min(1.0)
 
 
@@ -167,6 +168,8 @@ class IBOTLoss(nn.Module):
         rows, n = masks.shape
         b = rows // self.n_global
         fused_linear = isinstance(student_patch, tuple)  # (z [M, bottleneck], last-layer weight)
+        if masked_ids is None and torch.compiler.is_compiling():
+            return self._dense_patch_loss(student_patch, teacher_patch, masks, teacher_patch_temp)
         if fused_linear and masked_ids is None:
             raise ValueError("student_patch as (z, weight) needs masked_ids (z holds the masked rows only)")
         rows_given = student_patch[0] if fused_linear else student_patch
@@ -188,6 +191,26 @@ class IBOTLoss(nn.Module):
                           torch.ones(1, 1, device=row_w.device), row_w)
         s_logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
         t_prob = F.softmax((teacher_rows.float() - center) / teacher_patch_temp, dim=-1)
+        return (torch.sum(-t_prob * s_logp, dim=-1) * row_w).sum()
+
+    def _dense_patch_loss(self, student_patch, teacher_patch: torch.Tensor, masks: torch.Tensor,
+                          teacher_patch_temp: float) -> torch.Tensor:
+        """``patch_loss`` over every position [R*N] weighted by its mask (0 where visible): what a compiled
+        step computes, since gathering the M hidden rows gives a data-dependent shape (a graph break,
+        and a sync that a CUDA graph cannot hold).  ``student_patch``: [R, N, K] or (z [R, N, d], weight)."""
+        rows, n = masks.shape
+        per_sample = 1.0 / (masks.sum(dim=1).clamp_min(1).float() * rows)
+        row_w = (masks.float() * per_sample[:, None]).reshape(-1)
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        fused_linear = isinstance(student_patch, tuple)
+        student = (flat(student_patch[0]), student_patch[1]) if fused_linear else flat(student_patch)
+        teacher = flat(teacher_patch.detach())
+        center = self.center_patch.reshape(1, -1)
+        if self.fused or fused_linear:
+            return _sdist(student, teacher, center, self.student_temp, teacher_patch_temp,
+                          torch.ones(1, 1, device=row_w.device), row_w)
+        s_logp = F.log_softmax(student.float() / self.student_temp, dim=-1)
+        t_prob = F.softmax((teacher.float() - center) / teacher_patch_temp, dim=-1)
         return (torch.sum(-t_prob * s_logp, dim=-1) * row_w).sum()
 
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks,

@@ -141,6 +141,9 @@ class MaskedKD(Method):
         self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
         self._full_flops_per_sample: Dict[tuple, int] = {}
         self._teacher_accuracy: Optional[Dict[str, float]] = None  # frozen teacher: measured once
+        # Counted now for the configured image size, so a compiled step only looks the number up.
+        in_chans = teacher.patch_embed.proj.in_channels
+        self.full_teacher_flops_per_sample(torch.zeros(1, in_chans, *teacher.patch_embed.img_size))
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -190,6 +193,14 @@ class MaskedKD(Method):
             return hard_distillation_loss(student_logits, teacher_logits)
         return student_logits.new_zeros((), dtype=torch.float32)
 
+    def prepare_batch(self, batch, state: StepState):
+        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
+        which ``training_step``'s mixer passes through."""
+        if self.mixer.mixup is None:
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels, state.generator)
+
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskedKDConfig = self.mcfg
         images, labels = batch
@@ -206,11 +217,11 @@ class MaskedKD(Method):
             if by_attention:
                 ids_keep = select_teacher_tokens(cls_attn, self.keep)
             elif masked_teacher:
-                from .masksub import random_keep_ids
+                from .. import ops
 
                 # int(N * (1 - ratio)) == keep exactly (half a token of slack against rounding).
-                ids_keep = random_keep_ids(images.shape[0], N, (N - self.keep - 0.5) / N,
-                                           generator=state.generator, device=images.device)
+                ids_keep = ops.random_keep(images.shape[0], N, (N - self.keep - 0.5) / N,
+                                           generator=state.generator, device=images.device).ids_keep
             if mcfg.distillation != "none":
                 t_logits, t_flops = self.teacher_logits(images, ids_keep)
             else:

@@ -46,7 +46,7 @@ from .supervised import (
     top1_accuracy,
 )
 
-__all__ = ["METHOD", "MaskSub", "MaskSubConfig", "VARIANTS", "sub_branch_regularisation", "random_keep_ids"]
+__all__ = ["METHOD", "MaskSub", "MaskSubConfig", "VARIANTS", "sub_branch_regularisation"]
 
 VARIANTS = ("masksub", "dropsub", "pathsub", "masktoken")
 
@@ -141,18 +141,6 @@ def sub_branch_regularisation(
             parent._modules[attr] = old
 
 
-def random_keep_ids(
-    batch: int, num_patches: int, mask_ratio: float, *, generator: Optional[torch.Generator], device
-) -> torch.Tensor:
-    """Ids [B, K] (sorted) of the patches a random MAE-style mask keeps, K = int(N*(1-mask_ratio)).
-
-    Uses ``fastmask.ops.random_masking`` (Philox, identical on every backend) on a one-channel
-    placeholder: only the ids are needed, the model gathers its own tokens.
-    """
-    placeholder = torch.zeros(batch, num_patches, 1, device=device)
-    return ops.random_masking(placeholder, mask_ratio, generator=generator).ids_keep
-
-
 # ------------------------------------------------------------------------------------------------
 # the method
 # ------------------------------------------------------------------------------------------------
@@ -187,13 +175,20 @@ class MaskSub(Method):
         if mcfg.variant == "pathsub":
             with sub_branch_regularisation(self.student, drop_path_rate=mcfg.sub_drop_path_rate):
                 return self.student(images), N
-        ids_keep = random_keep_ids(images.shape[0], N, mcfg.mask_ratio, generator=generator, device=images.device)
+        # One op gives the kept ids and the mask together (Philox, identical on every backend).
+        kept = ops.random_keep(images.shape[0], N, mcfg.mask_ratio, generator=generator, device=images.device)
         if mcfg.variant == "masksub":
-            return self.student(images, ids_keep=ids_keep), ids_keep.shape[1]
+            return self.student(images, ids_keep=kept.ids_keep), kept.ids_keep.shape[1]
         # masktoken: every token is computed, the hidden ones replaced by the mask token
-        mask = torch.ones(images.shape[0], N, dtype=torch.bool, device=images.device)
-        mask.scatter_(1, ids_keep, False)
-        return self.student(images, mask=mask), N
+        return self.student(images, mask=kept.mask), N
+
+    def prepare_batch(self, batch, state: StepState):
+        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
+        which ``training_step``'s mixer passes through."""
+        if self.mixer.mixup is None:
+            return batch
+        images, labels = batch
+        return self.mixer(images, labels, state.generator)
 
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskSubConfig = self.mcfg

@@ -297,8 +297,8 @@ OptionalPerCrop = Optional[Sequence[Optional[torch.Tensor]]]
 class MultiCropWrapper(nn.Module):
     """Backbone + head over a list of crops, as in DINO and iBOT.
 
-    Consecutive crops of one resolution run through the backbone as one batch (the groups come from
-    ``torch.unique_consecutive`` over the resolutions, their ends from ``torch.cumsum``), then the head
+    Consecutive crops of one resolution run through the backbone as one batch (grouped on the host
+    from the crops' shapes: no tensor op, so a compiled step sees static groups), then the head
     runs once over all CLS features.  ``masks`` (per crop, e.g. for the two global crops only; None
     for the others) go to the backbone's mask-token path, ``ids_keep`` (per crop) to its token-drop
     path.  The backbone must have ``forward_features(x, ids_keep=, mask=, return_cls_attn=,
@@ -379,9 +379,7 @@ class MultiCropWrapper(nn.Module):
         masks = self._per_crop("masks", masks, len(crops))
         ids_keep = self._per_crop("ids_keep", ids_keep, len(crops))
 
-        sizes = torch.tensor([list(c.shape[-2:]) for c in crops])
-        counts = torch.unique_consecutive(sizes, dim=0, return_counts=True)[1]
-        ends = torch.cumsum(counts, 0).tolist()
+        ends = [i for i in range(1, len(crops)) if crops[i].shape[-2:] != crops[i - 1].shape[-2:]] + [len(crops)]
 
         features, patch_out, cls_maps = [], [], []
         start = 0

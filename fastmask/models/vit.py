@@ -39,10 +39,11 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import resample_abs_pos_embed
 from timm.layers import Attention as TimmAttention
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer
 
 from .. import ops
-from ..nn import Attention, convert_attention
+from ..nn import Attention, Block, convert_blocks
 
 __all__ = [
     "CheckpointReport",
@@ -83,7 +84,10 @@ class MaskedViT(VisionTransformer):
     """timm ``VisionTransformer`` with token dropping, mask tokens and the CLS attention map.
 
     Takes timm's ``VisionTransformer`` arguments (the attention layer is always
-    ``fastmask.nn.Attention``; a class token is required).  See the module docstring for the forward.
+    ``fastmask.nn.Attention``; a class token is required), or a model name first:
+    ``MaskedViT("vit_small_patch14_dinov2", **kwargs)`` is ``timm.create_model(name, **kwargs)`` converted
+    (timm's defaults, e.g. 1000 classes; see ``create_vit`` for the names).  See the module docstring
+    for the forward.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -115,12 +119,13 @@ class MaskedViT(VisionTransformer):
             raise ValueError("MaskedViT needs a class token (class_token=True): the CLS features and map read it")
         for i, blk in enumerate(self.blocks):
             attn = getattr(blk, "attn", None)
-            if type(attn) not in (Attention, TimmAttention):
+            if type(blk) not in (Block, TimmBlock) or type(attn) not in (Attention, TimmAttention):
                 raise ValueError(
-                    f"blocks[{i}].attn is {type(attn).__name__}; MaskedViT supports blocks whose attention is "
-                    "timm.layers.Attention (the standard ViT block)"
+                    f"blocks[{i}] is {type(blk).__name__} with {type(attn).__name__}; MaskedViT supports the "
+                    "standard ViT block (timm's Block with timm.layers.Attention)"
                 )
-        convert_attention(self.blocks, num_prefix_tokens=self.num_prefix_tokens)
+        # Blocks become fastmask.nn.Block (a class swap, same parameters): they return the CLS map.
+        convert_blocks(self.blocks, num_prefix_tokens=self.num_prefix_tokens)
         # Inputs of other resolutions are checked and handled here (positional-embedding resampling).
         if hasattr(self.patch_embed, "strict_img_size"):
             self.patch_embed.strict_img_size = False
@@ -304,21 +309,13 @@ class MaskedViT(VisionTransformer):
         cls_attn = None
         x = tokens
         for i, blk in enumerate(self.blocks):
-            # The block's own forward is untouched: the one attention whose map we want is asked to
-            # keep it for this call only.
+            # Only the block whose map is asked for returns it (the others skip its computation).
             capture = return_cls_attn and i == layer
-            attn = blk.attn
-            old = attn.store_cls_attn
-            if capture:
-                attn.store_cls_attn = True
-            try:
-                x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
-            finally:
-                attn.store_cls_attn = old
-            if capture:
-                cls_attn = attn.cls_attn
-                if not old:
-                    attn.cls_attn = None
+            if use_ckpt:
+                out = checkpoint(blk, x, return_cls_attn=capture, use_reentrant=False)
+            else:
+                out = blk(x, return_cls_attn=capture)
+            x, cls_attn = out if capture else (out, cls_attn)
         return self.norm(x), cls_attn
 
     def _features(self, seq: torch.Tensor, cls_attn: Optional[torch.Tensor]) -> ViTFeatures:

@@ -8,10 +8,10 @@ copies keep pointing at the right tensors).
 
 What it adds:
 
-* the CLS attention map of a call: ``forward(x, return_cls_attn=True)`` returns ``(out, cls_attn)``;
-  with ``store_cls_attn = True`` every call keeps its map in ``.cls_attn`` (float32
-  ``[B, L - num_prefix_tokens]``, head-averaged, no gradient), which is how a model asks one block
-  inside an unmodified ``Block.forward`` for its map;
+* the CLS attention map of a call: ``forward(x, return_cls_attn=True)`` returns ``(out, cls_attn)``
+  (float32 ``[B, L - num_prefix_tokens]``, head-averaged, no gradient).  The map is only ever a return
+  value: ``fastmask.nn.Block`` and ``MaskedViT`` pass ``return_cls_attn=`` down and hand it back up,
+  so a compiled or exported forward sees one data flow and no module state changes during a call;
 * an explicit-math path (``softmax(q k^T) v`` with the ``[B, H, L, L]`` matrix materialised) used
   when the caller needs the full matrix (``return_attn_matrix=True`` or ``store_attn_matrix``),
   when it needs double backward (``explicit_attention = True``, e.g. Hessian-vector products), and
@@ -39,7 +39,6 @@ class Attention(TimmAttention):
       num_prefix_tokens: tokens at the start of the sequence (CLS, distillation, registers) that the
           CLS map leaves out; 1 for a plain ViT, 2 for DeiT with a distillation token.
       explicit_attention: always use the explicit-math path (double backward, full matrix).
-      store_cls_attn: keep the CLS map of every call in ``.cls_attn``.
       store_attn_matrix: keep the attention probabilities of every call in ``.attn_matrix``
           (``[B, H, L, L]``, detached; implies the explicit path).
     """
@@ -51,27 +50,23 @@ class Attention(TimmAttention):
         *args,
         num_prefix_tokens: int = 1,
         explicit_attention: bool = False,
-        store_cls_attn: bool = False,
         store_attn_matrix: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, *args, **kwargs)
-        self._init_fastmask(num_prefix_tokens, explicit_attention, store_cls_attn, store_attn_matrix)
+        self._init_fastmask(num_prefix_tokens, explicit_attention, store_attn_matrix)
 
     def _init_fastmask(
         self,
         num_prefix_tokens: int = 1,
         explicit_attention: bool = False,
-        store_cls_attn: bool = False,
         store_attn_matrix: bool = False,
     ) -> None:
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
         self.num_prefix_tokens = num_prefix_tokens
         self.explicit_attention = bool(explicit_attention)
-        self.store_cls_attn = bool(store_cls_attn)
         self.store_attn_matrix = bool(store_attn_matrix)
-        self.cls_attn: Optional[torch.Tensor] = None
         self.attn_matrix: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
@@ -117,7 +112,7 @@ class Attention(TimmAttention):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
         B, L, _ = x.shape
-        want_cls = return_cls_attn or self.store_cls_attn
+        want_cls = return_cls_attn
         want_matrix = return_attn_matrix or self.store_attn_matrix
         if want_cls and not 0 < self.num_prefix_tokens <= L:
             raise ValueError(
@@ -158,8 +153,6 @@ class Attention(TimmAttention):
             out = out * gate
         out = self.proj_drop(self.proj(out))
 
-        if self.store_cls_attn:
-            self.cls_attn = cls_attn
         if self.store_attn_matrix:
             self.attn_matrix = probs.detach()
         extras = []
