@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastmask import library, ops, reference
 from fastmask.philox import seed_tensor
-from helpers import HAS_CUDA, KERNEL_BACKENDS
+from helpers import DEVICE, HAS_CUDA, KERNEL_BACKENDS
 
 BACKENDS = ("torch",) + KERNEL_BACKENDS
 OPS = torch.ops.fastmask
@@ -55,6 +55,8 @@ def _cases(backend, t):
         "attention+cls": (OPS.attention, (t["q"], t["k"], t["v"], 8**-0.5, True, 1, backend)),
         "attention": (OPS.attention, (t["q"], t["k"], t["v"], 8**-0.5, False, 2, backend)),
     }
+    if backend == "cuda":  # attention has no CUDA C++ kernel
+        cases = {name: case for name, case in cases.items() if not name.startswith("attention")}
     if backend == "triton":
         with torch.no_grad():
             out, _, lse = OPS.attention(t["q"], t["k"], t["v"], 8**-0.5, False, 1, backend)
@@ -70,9 +72,10 @@ _TRITON_OPCHECK = ("gather_tokens+pos", "scatter_tokens+fill", "apply_mask_token
                    "cls_attention_mask hint", "attention+cls", "attention_backward")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_every_operator(backend):
-    t = _inputs()
+    t = _inputs(DEVICE)
     for name, (op, args) in _cases(backend, t).items():
         if backend != "torch" and name not in _TRITON_OPCHECK:
             continue
@@ -102,8 +105,6 @@ def test_fake_tensor_propagation_for_every_operator(device):
         for backend in backends:
             for name, (op, args) in _cases(backend, t).items():
                 if backend == "cuda":
-                    if name.startswith("attention"):
-                        continue  # attention has no CUDA C++ kernel
                     op = getattr(OPS, "cuda_" + op._qualified_op_name.split("::")[1])
                     args = args[:-1]
                 out = op(*args)
@@ -134,19 +135,19 @@ def test_cuda_operators_are_defined_without_the_extension():
 def _public_calls(backend):
     """Each public op as a user calls it (seeds drawn inside, value checks on: skipped when traced)."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 13, 6, generator=g)
-    ids = torch.tensor([[0, 3, 5], [1, 2, 9]])
-    mask = torch.rand(2, 13, generator=g) < 0.5
-    token = torch.randn(6, generator=g)
-    attn = torch.rand(2, 13, generator=g)
-    ratio = torch.tensor([0.2, 0.45])
-    q = torch.randn(2, 2, 9, 8, generator=g)
+    x = torch.randn(2, 13, 6, generator=g).to(DEVICE)
+    ids = torch.tensor([[0, 3, 5], [1, 2, 9]], device=DEVICE)
+    mask = (torch.rand(2, 13, generator=g) < 0.5).to(DEVICE)
+    token = torch.randn(6, generator=g).to(DEVICE)
+    attn = torch.rand(2, 13, generator=g).to(DEVICE)
+    ratio = torch.tensor([0.2, 0.45], device=DEVICE)
+    q = torch.randn(2, 2, 9, 8, generator=g).to(DEVICE)
     return {
         "gather_tokens": (lambda x: ops.gather_tokens(x, ids, backend=backend), x),
         "scatter_tokens": (lambda x: ops.scatter_tokens(x[:, :3], ids, 13, token, backend=backend), x),
         "apply_mask_token": (lambda x: ops.apply_mask_token(x, mask, token, backend=backend), x),
         "random_masking": (lambda x: ops.random_masking(x, 0.5, seed=3, backend=backend).x_kept, x),
-        "random_keep": (lambda a: ops.random_keep(2, 13, 0.5, seed=4, backend=backend).mask, attn),
+        "random_keep": (lambda a: ops.random_keep(2, 13, 0.5, seed=4, device=a.device, backend=backend).mask, attn),
         "topk_tokens": (lambda a: ops.topk_tokens(a, 4, backend=backend), attn),
         "cls_attention_mask": (lambda a: ops.cls_attention_mask(a, ratio, mode="hint", mask_prob=0.5, show_max=0.2,
                                                                  show_ratio=0.1, seed=5, backend=backend), attn),
@@ -174,9 +175,9 @@ def test_each_op_compiles_with_no_graph_break(backend):
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_compiled_gradients_match_eager(backend):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 11, 6, generator=g, requires_grad=True)
-    token = torch.randn(6, generator=g, requires_grad=True)
-    q = torch.randn(2, 2, 11, 8, generator=g, requires_grad=True)
+    x = torch.randn(2, 11, 6, generator=g).to(DEVICE).requires_grad_()
+    token = torch.randn(6, generator=g).to(DEVICE).requires_grad_()
+    q = torch.randn(2, 2, 11, 8, generator=g).to(DEVICE).requires_grad_()
 
     def step(x, token, q):
         masked = ops.random_masking(x, 0.5, seed=7, backend=backend)
@@ -197,8 +198,8 @@ def test_compiled_gradients_match_eager(backend):
 @pytest.mark.parametrize("backend", ("torch", "triton"))
 def test_two_calls_of_one_compiled_function_draw_different_masks(backend):
     """The seed is a device draw inside the compiled graph, not a constant baked in at trace time."""
-    attn = torch.rand(4, 49, generator=torch.Generator().manual_seed(3))
-    x = torch.randn(4, 49, 8)
+    attn = torch.rand(4, 49, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    x = torch.randn(4, 49, 8, device=DEVICE)
 
     def masks(x, attn):
         keep = ops.random_masking(x, 0.75, backend=backend).mask
@@ -262,6 +263,25 @@ def test_mask_policies_compile_with_no_graph_break(name):
     a, b = compiled(attn), compiled(attn)
     assert a.shape == (4, 49) and a.dtype == torch.bool and not torch.equal(a, b)
     torch._dynamo.reset()
+
+
+def test_export_keeps_the_operators():
+    """torch.export sees each op as one fastmask:: operator (the seed an input of the program)."""
+
+    class Step(torch.nn.Module):
+        def forward(self, x, q, seed):
+            masked = ops.random_masking(x, 0.5, seed=seed, backend="torch")
+            out, cls = ops.attention(q, q, q, return_cls_attn=True, backend="torch")
+            return masked.x_kept, out, ops.cls_attention_mask(cls, 0.3, mode="hint", show_ratio=0.05, seed=seed,
+                                                              backend="torch")
+
+    args = (torch.randn(2, 16, 8), torch.randn(2, 2, 17, 8), seed_tensor(seed=3))
+    program = torch.export.export(Step(), args)
+    targets = [str(n.target) for n in program.graph.nodes if "fastmask" in str(n.target)]
+    assert targets == ["fastmask.random_keep.default", "fastmask.gather_tokens.default", "fastmask.attention.default",
+                       "fastmask.cls_attention_mask.default"]
+    for got, want in zip(program.module()(*args), Step()(*args)):
+        assert torch.equal(got, want)
 
 
 # --------------------------------------------------------------------------------------------

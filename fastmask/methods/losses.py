@@ -58,7 +58,8 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over rows, averaged over ranks (so every rank keeps the same center)."""
     total = x.sum(dim=0, keepdim=True, dtype=torch.float32)  # no float32 copy of a bf16 x
-    count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.float32)
+    # A fill, not a host-to-device copy: capturable in a CUDA graph.
+    count = torch.full((1,), float(x.shape[0]), device=x.device, dtype=torch.float32)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
         dist.all_reduce(count)
