@@ -414,17 +414,22 @@ def test_forcing_unavailable_cuda_raises_with_reason(monkeypatch):
 
 
 def test_cuda_extension_registers_the_ops():
+    """The extension adds CUDA kernels to the schemas fastmask.library defines (fastmask::cuda_<op>),
+    and the public operators keep their one schema with the backend as the last argument."""
     try:
         importlib.import_module("fastmask._C")
     except ImportError as exc:
         pytest.skip(f"the CUDA extension fastmask._C is not built "
                     f"(FASTMASK_BUILD_CUDA=1 pip install --no-build-isolation -e .): {exc}")
+    cuda_ops = ("gather_tokens", "scatter_tokens", "apply_mask_token", "random_keep", "gather_tokens_backward",
+                "scatter_tokens_backward", "apply_mask_token_backward", "topk_tokens", "cls_attention_mask")
+    for name in cuda_ops:
+        qualified = f"fastmask::cuda_{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CUDA"), f"{qualified} has no CUDA kernel"
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualified, "CPU")
     schemas = {
-        "gather_tokens": "fastmask::gather_tokens(Tensor x, Tensor ids, Tensor? pos_embed) -> Tensor",
-        "scatter_tokens": "fastmask::scatter_tokens(Tensor x_kept, Tensor ids, int num_tokens, Tensor? fill) -> Tensor",
-        "apply_mask_token": "fastmask::apply_mask_token(Tensor x, Tensor mask, Tensor mask_token) -> Tensor",
-        "random_keep": "fastmask::random_keep(Tensor(a!) ids_keep, Tensor(b!) mask, Tensor(c!) ids_restore, "
-        "int seed) -> ()",
+        "gather_tokens": "fastmask::gather_tokens(Tensor x, Tensor ids, Tensor? pos_embed, str backend) -> Tensor",
+        "cuda_gather_tokens": "fastmask::cuda_gather_tokens(Tensor x, Tensor ids, Tensor? pos_embed) -> Tensor",
     }
     for name, schema in schemas.items():
         assert str(getattr(torch.ops.fastmask, name).default._schema) == schema
