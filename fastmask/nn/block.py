@@ -3,8 +3,8 @@
 ``Block`` subclasses ``timm.models.vision_transformer.Block`` and adds no parameters (same state-dict
 keys, timm weights load unchanged).  ``forward(x, return_cls_attn=True)`` returns ``(x, cls_attn)``:
 the map of this block's attention call, ``[B, L - num_prefix_tokens]`` float32;
-``return_attn_matrix=True`` adds the attention probabilities ``[B, H, L, L]`` (explicit path).  ``convert_blocks``
-turns the plain timm blocks of an existing model into this class in place.
+``return_attn_matrix=True`` adds the attention probabilities ``[B, H, L, L]`` (explicit path).
+``convert_blocks`` turns the plain timm blocks of an existing model into this class in place.
 """
 from __future__ import annotations
 
