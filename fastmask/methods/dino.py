@@ -109,8 +109,7 @@ class DINO(SelfDistillation):
 
         m = self.mcfg
         self.build_student_teacher(cfg, DINOHead, m.out_dim)
-        self.loss_fn = DINOLoss(m.out_dim, n_global=m.num_global_crops, student_temp=m.student_temp,
-                                center_momentum=m.center_momentum, fused=m.fused_loss)
+        self.loss_fn = DINOLoss(m.out_dim, **m.loss_kwargs())
         if m.student_mask != "none":
             self.policy = make_policy(m.student_mask, **m.policy_kwargs())
         self.policy_ranks_by_teacher = m.student_mask.startswith("attmask")

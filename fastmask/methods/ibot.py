@@ -120,10 +120,8 @@ class IBOT(SelfDistillation):
 
         m = self.mcfg
         self.build_student_teacher(cfg, IBOTHead, m.out_dim, m.patch_out_dim, shared_head=m.shared_head)
-        self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
-                                student_temp=m.student_temp, center_momentum=m.center_momentum,
-                                center_momentum_patch=m.center_momentum_patch,
-                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, fused=m.fused_loss)
+        self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, center_momentum_patch=m.center_momentum_patch,
+                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, **m.loss_kwargs())
         self.masked_patch_head = m.patch_head == "masked" or (m.patch_head == "auto" and not m.head_use_bn)
         self.policy = make_policy(m.mask, **m.policy_kwargs())
         self.policy_ranks_by_teacher = m.mask.startswith("attmask")

@@ -31,18 +31,9 @@ from torch import nn
 from ..config import TeacherConfig
 from ..flops import FlopMeter, count_flops
 from .base import StepState, build_teacher
-from .supervised import (
-    SupervisedConfig,
-    SupervisedMethod,
-    autocast_for,
-    build_classifier,
-    check_supervised_config,
-    classification_loss,
-    classifier_accuracy,
-    hard_distillation_loss,
-    soft_distillation_loss,
-    top1_accuracy,
-)
+from .supervised import (SupervisedConfig, SupervisedMethod, autocast_for, build_classifier,
+                          check_supervised_config, classification_loss, classifier_accuracy,
+                          hard_distillation_loss, soft_distillation_loss, top1_accuracy)
 
 __all__ = ["METHOD", "MaskedKD", "MaskedKDConfig", "DISTILLATION_KINDS", "resolve_keep", "select_teacher_tokens"]
 

@@ -34,16 +34,8 @@ from torch import nn
 
 from .. import ops
 from .base import StepState
-from .supervised import (
-    SupervisedConfig,
-    SupervisedMethod,
-    autocast_for,
-    build_classifier,
-    check_supervised_config,
-    classification_loss,
-    self_distillation_loss,
-    top1_accuracy,
-)
+from .supervised import (SupervisedConfig, SupervisedMethod, autocast_for, build_classifier,
+                          check_supervised_config, classification_loss, self_distillation_loss, top1_accuracy)
 
 __all__ = ["METHOD", "MaskSub", "MaskSubConfig", "VARIANTS", "sub_branch_regularisation"]
 

@@ -60,6 +60,11 @@ class SelfDistillationConfig:
         if self.teacher_temp_warmup not in TEMP_WARMUPS:
             raise ValueError(f"teacher_temp_warmup must be one of {TEMP_WARMUPS}, got {self.teacher_temp_warmup!r}")
 
+    def loss_kwargs(self) -> dict:
+        """The keyword arguments of ``DINOLoss`` / ``IBOTLoss``'s CLS term these options set."""
+        return dict(n_global=self.num_global_crops, student_temp=self.student_temp,
+                    center_momentum=self.center_momentum, fused=self.fused_loss)
+
     def head_kwargs(self) -> dict:
         """The keyword arguments of ``DINOHead`` / ``IBOTHead`` these options set."""
         return dict(use_bn=self.head_use_bn, norm_last_layer=self.norm_last_layer, nlayers=self.head_nlayers,
