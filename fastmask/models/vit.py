@@ -331,15 +331,9 @@ class MaskedViT(VisionTransformer):
         seq, cls_attn = self._run_blocks(tokens, return_cls_attn, attn_layer)
         return self._features(seq, cls_attn)
 
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        *,
-        ids_keep: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        return_cls_attn: bool = False,
-        attn_layer: int = -1,
-    ) -> ViTFeatures:
+    def forward_features(self, x: torch.Tensor, *, ids_keep: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None, return_cls_attn: bool = False,
+                         attn_layer: int = -1) -> ViTFeatures:
         """Images [B, C, H, W] -> ``ViTFeatures`` (see the module docstring)."""
         tokens = self.embed(x, ids_keep=ids_keep, mask=mask)
         return self.forward_features_from_tokens(tokens, return_cls_attn=return_cls_attn, attn_layer=attn_layer)
@@ -357,15 +351,8 @@ class MaskedViT(VisionTransformer):
         logits = self.forward_head(seq)
         return (logits, cls_attn) if return_cls_attn else logits
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        ids_keep: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        return_cls_attn: bool = False,
-        attn_layer: int = -1,
-    ):
+    def forward(self, x: torch.Tensor, *, ids_keep: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, return_cls_attn: bool = False, attn_layer: int = -1):
         """Classifier logits (timm's head; DeiT-distilled models follow timm's distilled head).
         With ``return_cls_attn`` returns ``(logits, cls_attn)``."""
         tokens = self.embed(x, ids_keep=ids_keep, mask=mask)
