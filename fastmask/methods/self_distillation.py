@@ -124,8 +124,11 @@ class SelfDistillation(Method):
     """
 
     pipeline = "multicrop"
-    policy = None
-    policy_ranks_by_teacher = False  # the policy ranks tokens by the teacher's CLS map (AttMask)
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__(cfg, num_classes)
+        self.policy = None  # the student's mask policy (fastmask.masking), or None: no masking
+        self.policy_ranks_by_teacher = False  # the policy ranks tokens by the teacher's CLS map (AttMask)
 
     def build_student_teacher(self, cfg, head_cls: Callable[..., nn.Module], *head_args, **head_kwargs) -> None:
         """Student and teacher: ``cfg.model``'s backbone + ``head_cls(width, *head_args, **head_kwargs,
