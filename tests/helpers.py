@@ -36,6 +36,43 @@ def randn(*shape, dtype=torch.float32, generator=None, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
+def step_state(seed=0, device="cpu", **fields):
+    """The StepState of one step of a method in a unit test: one step in one epoch, lr 1e-3, no weight
+    decay, teacher momentum 0, a plain ``loss.backward()``, a generator on ``device`` seeded with
+    ``seed``; ``fields`` override any of these."""
+    from fastmask.methods.base import StepState
+
+    device = torch.device(device)
+    defaults = dict(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
+                    teacher_momentum=0.0, backward=lambda loss: loss.backward(), device=device,
+                    generator=torch.Generator(device=device).manual_seed(seed))
+    return StepState(**{**defaults, **fields})
+
+
+def image_batch(n, img_size, num_classes, seed=1):
+    """(images [n, 3, img_size, img_size], labels [n] in [0, num_classes)), drawn in that order from
+    one generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, img_size, img_size, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+
+
+def write_image_folder(root, splits, num_classes, draw, name="class{c}/{i:03d}.jpg", **save):
+    """An ImageFolder tree root/<split>/<name>: for each split (name, images per class) and each class c,
+    the images ``draw(rng, c)`` (uint8 [H, W, 3]) from one numpy generator seeded 0, in that order;
+    ``save`` goes to PIL's ``Image.save``.  Returns str(root)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in splits:
+        for c in range(num_classes):
+            for i in range(n):
+                path = root / split / name.format(c=c, i=i)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(draw(rng, c)).save(path, **save)
+    return str(root)
+
+
 # ATen ops that only make metadata or allocate: they launch no kernel on a GPU.
 LAUNCH_NOTHING = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "expand",
                   "as_strided", "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "alias",
