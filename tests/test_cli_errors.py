@@ -78,19 +78,13 @@ HAS_CUDA = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """root/{train,val}/<class>/*.png (2 classes, 8 + 2 images of 32 px) and an empty folder."""
-    from PIL import Image
     import numpy as np
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c in range(2):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    empty = tmp_path_factory.mktemp("empty_data")
-    return str(root), str(empty)
+    from helpers import write_image_folder
+
+    root = write_image_folder(tmp_path_factory.mktemp("tiny_data"), (("train", 8), ("val", 2)), 2,
+                              lambda rng, c: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), name="c{c}/{i}.png")
+    return root, str(tmp_path_factory.mktemp("empty_data"))
 
 
 def _tiny_run(data, out, *extra):

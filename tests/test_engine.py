@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fastmask.config import ConfigError, load_config
+from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "engine_worker.py")
@@ -39,21 +40,16 @@ def max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+def _bar_image(rng, c):
+    """Dark noise with a bright horizontal bar whose height gives the class."""
+    img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+    img[4 + 8 * c: 12 + 8 * c] = 200
+    return img
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("engine_folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
-                img[4 + 8 * c: 12 + 8 * c] = 200
-                Image.fromarray(img).save(d / f"{i:03d}.jpg")
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp("engine_folder"), (("train", 8), ("val", 4)), 3, _bar_image)
 
 
 @pytest.fixture(scope="module")
