@@ -35,11 +35,13 @@ The Triton interpreter's CPU timings mean nothing, so every kernel case skips wi
 CPU case times the explicit-softmax baseline at a small shape to keep the suite exercisable.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import HAS_CUDA, need_gpu, timed
+from common import HAS_CUDA, device_ms, need_gpu, timed
 from fastmask import ops
 
 MODELS = {"vit_s": 6, "vit_b": 12}
@@ -144,29 +146,21 @@ def make_call(impl, mode, q, k, v):
 # measurements, cached per (impl, mode, shape) so that ratios reuse the baselines' numbers
 # ---------------------------------------------------------------------------------------------
 
-_KERNEL_MS = {}
-
-
 def skip_reason(impl):
     if impl == "xformers" and xops is None:
         return XFORMERS_MISSING
     return None
 
 
+@functools.cache
 def kernel_ms(impl, mode, B, H):
     """Median ms, or None when the implementation cannot run here (e.g. an SDPA backend this GPU lacks)."""
-    key = (impl, mode, B, H)
-    if key not in _KERNEL_MS:
-        import triton.testing
-
-        q, k, v = make_inputs(B, H, SEQ_LEN, HEAD_DIM, DTYPE, torch.device("cuda"), mode == "fwd_bwd")
-        call = make_call(impl, mode, q, k, v)
-        try:
-            call()  # autotune / compile outside the timing
-            _KERNEL_MS[key] = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
-        except RuntimeError:  # "No available kernel" from sdpa_kernel, and the like
-            _KERNEL_MS[key] = None
-    return _KERNEL_MS[key]
+    q, k, v = make_inputs(B, H, SEQ_LEN, HEAD_DIM, DTYPE, torch.device("cuda"), mode == "fwd_bwd")
+    call = make_call(impl, mode, q, k, v)
+    try:
+        return device_ms(call)
+    except RuntimeError:  # "No available kernel" from sdpa_kernel, and the like
+        return None
 
 
 def best_sdpa_ms(mode, B, H):
