@@ -59,7 +59,13 @@ def run(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     except _user_error_types() + tuple(extra_user_errors) as exc:
         if os.environ.get("FASTMASK_DEBUG", "0") not in ("", "0"):
             raise
-        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        # engine.distributed.EveryRankUsageError: a mistake all ranks of a torchrun job found
+        # together; rank 0 says it once, then every rank exits together.
+        if getattr(exc, "report_here", True):
+            print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
+        finish = getattr(exc, "finish", None)
+        if finish is not None:
+            finish(2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
