@@ -292,12 +292,15 @@ def _checkpoint_cli_cases(tmp_path):
     empty.write_bytes(b"")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"PK\x03\x04 not a torch file")
+    bad_safetensors = tmp_path / "junk.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     return {"missing": (str(tmp_path / "nope.pt"), "nope.pt"), "zero bytes": (str(empty), "is empty (0 bytes)"),
-            "corrupt": (str(junk), "truncated or corrupt")}
+            "corrupt": (str(junk), "truncated or corrupt"),
+            "corrupt safetensors": (str(bad_safetensors), "cannot read checkpoint")}
 
 
 @pytest.mark.parametrize("prog", ["eval", "export", "attention_maps"])
-@pytest.mark.parametrize("case", ["missing", "zero bytes", "corrupt"])
+@pytest.mark.parametrize("case", ["missing", "zero bytes", "corrupt", "corrupt safetensors"])
 def test_checkpoint_clis_user_errors_are_one_line_exit_2(tmp_path, capsys, prog, case):
     import importlib
 
