@@ -31,7 +31,7 @@ import functools
 import pytest
 import torch
 
-from common import HAS_CUDA, compiled, device_ms, fastest_ms, fastmask_skip_reason, need_gpu, timed
+from common import HAS_CUDA, compiled, device_ms, fastest_ms, need_gpu_for, timed
 from fastmask import ops, reference
 from fastmask._backend import _can_run
 
@@ -158,10 +158,7 @@ def record(info, task, shape, K, ms, copy_gbs):
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("impl", FASTMASK + BASELINES)
 def test_token_gather(benchmark, copy_bandwidth_gbs, impl, task, K):
-    need_gpu()
-    reason = fastmask_skip_reason(impl)
-    if reason:
-        pytest.skip(reason)
+    need_gpu_for(impl)
     info = benchmark.extra_info
     info.update(impl=impl, task=task, shape=dict(GPU_SHAPE, K=K, dtype="bfloat16"), device="cuda")
     record(info, task, GPU_SHAPE, K, kernel_ms(impl, task, K), copy_bandwidth_gbs)

@@ -33,7 +33,7 @@ import functools
 import pytest
 import torch
 
-from common import compiled, device_ms, fastest_ms, fastmask_skip_reason, need_gpu, timed
+from common import compiled, device_ms, fastest_ms, need_gpu, need_gpu_for, timed
 from helpers import launched_kernels
 from fastmask import ops, reference
 
@@ -149,10 +149,7 @@ def kernel_ms(impl, task, B, N):
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("impl", FASTMASK + BASELINES)
 def test_topk_mask(benchmark, impl, task, B, N):
-    need_gpu()
-    reason = fastmask_skip_reason(impl)
-    if reason:
-        pytest.skip(reason)
+    need_gpu_for(impl)
     attn, ratio, show = make_inputs(task, B, N, torch.device("cuda"))
     call = make_call(impl, task, attn, ratio, show)
     info = benchmark.extra_info

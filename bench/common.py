@@ -74,15 +74,15 @@ def fastest_ms(kernel_ms, impls, *key) -> float:
     return min(times)
 
 
-def fastmask_skip_reason(impl):
-    """Why ``impl`` cannot run here: for fastmask_cuda, the CUDA backend's reason when it is unavailable;
-    None otherwise."""
+def need_gpu_for(impl):
+    """need_gpu(), and for fastmask_cuda also the CUDA extension: skip with the backend's reason without it."""
+    need_gpu()
     if impl == "fastmask_cuda":
         from fastmask import ops
 
         report = ops.backends()["cuda"]
-        return None if report["available"] else report["reason"]
-    return None
+        if not report["available"]:
+            pytest.skip(report["reason"])
 
 
 _COMPILED = {}
