@@ -31,13 +31,7 @@ from fastmask.analysis import (
 FLOOR = math.log(1e-10)  # anything below this is "zero" for a relative log singular value
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP oversubscription stalls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _uniform(batch, heads, length):

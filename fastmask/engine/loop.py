@@ -99,9 +99,9 @@ class Trainer:
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
         self.rank, self.world, self.is_main = self.dist.rank, self.dist.world, self.dist.is_main
-        # Every user mistake fails here, in one line, before anything is written (engine.preflight).
-        checked = preflight(cfg, self.world, self.dist.local_rank)
-        D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
+        # Every user mistake fails here, in one line, before anything is written (engine.preflight),
+        # on every rank together; no rank writes before every rank has seen the output dir unused.
+        checked = D.check_on_every_rank(lambda: preflight(cfg, self.world, self.dist.local_rank), self.dist)
         resolve_auto_teacher(cfg, self.world, self.rank)  # method.teacher.checkpoint=auto: cached, else trained once
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)

@@ -551,7 +551,10 @@ _OPTIONAL_PREFIXES = ("mask_token", "head.", "head_dist.")
 _DECODER_PREFIXES = ("decoder_", "decoder.")
 
 
-def _read_file(path: Union[str, os.PathLike]) -> Any:
+def _read_file(path: Union[str, os.PathLike], *, full_pickle: bool = False) -> Any:
+    """The object in a local ``.safetensors`` or ``torch.save`` file, on the CPU.  ``full_pickle``:
+    the file holds Python objects besides tensors (the training driver's checkpoints), unpickle it
+    at once rather than after the weights-only loader refused it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r} (fastmask never downloads weights)")
@@ -559,6 +562,8 @@ def _read_file(path: Union[str, os.PathLike]) -> Any:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    if full_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
