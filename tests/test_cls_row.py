@@ -39,12 +39,18 @@ def test_cls_row_reads_strided_views():
 def test_cls_row_is_one_launch_and_large_scores_stay_finite():
     from helpers import launched_kernels
 
-    g = torch.Generator().manual_seed(0)  # its own inputs: the global RNG's state depends on which tests ran first
+    g = torch.Generator().manual_seed(torch.seed())  # fresh inputs each run, not tied to the global RNG's state
     q, k = randn(2, 6, 197, 64, generator=g) * 60, randn(2, 6, 197, 64, generator=g) * 60  # scores in the thousands
     got = cls_row(q, k, 64 ** -0.5, 1)
-    _, ref = reference.attention(q, k, k, None, True, 1)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    # The specification's arithmetic in float64 (reference.attention computes in float32).  An fp32
+    # score s carries an error of ~|s| * 2**-24, which exp() turns into that relative error of the
+    # probability: with |s| in the thousands no fp32 kernel meets a fixed rtol of 1e-4 (one random
+    # input in 12 missed it), so the bound scales with the largest score.
+    scores = (q[:, :, :1].double() @ k.double().transpose(-1, -2)) * 64 ** -0.5
+    ref = torch.softmax(scores, dim=-1)[:, :, 0, 1:].mean(dim=1)
+    rtol = 4 * scores.abs().max().item() * 2.0 ** -24  # measured worst over 150 inputs: 1.44
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=1e-6)
     assert [n for n in launched_kernels(lambda: cls_row(q, k, 64 ** -0.5, 1)) if n.startswith("triton:")] == [
         "triton:_cls_row_kernel"]
 
