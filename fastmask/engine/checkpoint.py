@@ -13,7 +13,7 @@ import torch
 from ..config import ConfigError
 
 __all__ = ["CHECKPOINT_NAME", "atomic_save", "rng_state", "set_rng_state", "full_state", "load_full_state",
-           "read_checkpoint", "check_compatible"]
+           "check_compatible"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -78,11 +78,6 @@ def load_full_state(method: torch.nn.Module, optimizer, model_state: Dict[str, A
     # strict=False: a parameter that has had no gradient yet (DINO's last layer while frozen) has no
     # optimizer state, exactly as in the uninterrupted run; strict loading refuses such checkpoints.
     set_optimizer_state_dict(method, optimizer, optim_state, options=_options(strict=False))
-
-
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def check_compatible(ckpt: Dict[str, Any], path: str, cfg, steps_per_epoch: int) -> None:
