@@ -26,10 +26,12 @@ Goal on an H200: copy_fraction >= 0.85 and faster than every baseline.  Kernel t
 a GPU (the Triton interpreter's CPU times mean nothing); the torch baselines also run on the CPU at
 a smaller shape (there the rows sit in CPU caches, so copy_fraction can exceed 1).
 """
+import functools
+
 import pytest
 import torch
 
-from common import HAS_CUDA, need_gpu, timed
+from common import HAS_CUDA, compiled, device_ms, fastest_ms, need_gpu_for, timed
 from fastmask import ops, reference
 from fastmask._backend import _can_run
 
@@ -110,15 +112,6 @@ def mae_random_masking(x, mask_ratio, gather="gather"):
     return x_kept, mask, ids_keep, ids_restore
 
 
-_COMPILED = {}
-
-
-def compiled(name, fn):
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
-    return _COMPILED[name]
-
-
 def make_call(impl, task, inputs):
     x, ids, pos_embed, x_kept, mask_token = inputs
     N = x.shape[1]
@@ -145,37 +138,12 @@ def make_call(impl, task, inputs):
     return lambda: fn(x, ids, pos)
 
 
-def skip_reason(impl):
-    if impl == "fastmask_cuda":
-        report = ops.backends()["cuda"]
-        return None if report["available"] else report["reason"]
-    return None
-
-
-_KERNEL_MS = {}
-
-
+@functools.cache
 def kernel_ms(impl, task, K):
     """Median device time (ms) of one call at the GPU shape, cached across the benchmarks."""
-    key = (impl, task, K)
-    if key not in _KERNEL_MS:
-        import triton.testing
-
-        call = make_call(impl, task, make_inputs(**GPU_SHAPE, K=K, device=torch.device("cuda")))
-        with ops.value_checks(False):  # production setting: no host syncs for index checks
-            call()  # compile / build outside the timing
-            _KERNEL_MS[key] = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
-    return _KERNEL_MS[key]
-
-
-def best_baseline_ms(task, K):
-    times = []
-    for impl in BASELINES:
-        try:
-            times.append(kernel_ms(impl, task, K))
-        except Exception:  # e.g. torch.compile unavailable: the other baselines still count
-            continue
-    return min(times)
+    call = make_call(impl, task, make_inputs(**GPU_SHAPE, K=K, device=torch.device("cuda")))
+    with ops.value_checks(False):  # production setting: no host syncs for index checks
+        return device_ms(call)
 
 
 def record(info, task, shape, K, ms, copy_gbs):
@@ -190,15 +158,12 @@ def record(info, task, shape, K, ms, copy_gbs):
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("impl", FASTMASK + BASELINES)
 def test_token_gather(benchmark, copy_bandwidth_gbs, impl, task, K):
-    need_gpu()
-    reason = skip_reason(impl)
-    if reason:
-        pytest.skip(reason)
+    need_gpu_for(impl)
     info = benchmark.extra_info
     info.update(impl=impl, task=task, shape=dict(GPU_SHAPE, K=K, dtype="bfloat16"), device="cuda")
     record(info, task, GPU_SHAPE, K, kernel_ms(impl, task, K), copy_bandwidth_gbs)
     if impl in FASTMASK:
-        info["speedup_vs_best_baseline"] = round(best_baseline_ms(task, K) / info["kernel_ms"], 3)
+        info["speedup_vs_best_baseline"] = round(fastest_ms(kernel_ms, BASELINES, task, K) / info["kernel_ms"], 3)
     call = make_call(impl, task, make_inputs(**GPU_SHAPE, K=K, device=torch.device("cuda")))
     with ops.value_checks(False):
         call()

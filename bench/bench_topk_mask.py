@@ -28,10 +28,12 @@ speedup_vs_best_baseline (fastmask only: the fastest torch baseline's kernel_ms 
 the goal on an H200 is >= 3).  Kernel timings skip without a GPU (the
 Triton interpreter's CPU times mean nothing); one CPU case times the torch baselines at a small B.
 """
+import functools
+
 import pytest
 import torch
 
-from common import need_gpu, timed
+from common import compiled, device_ms, fastest_ms, need_gpu, need_gpu_for, timed
 from helpers import launched_kernels
 from fastmask import ops, reference
 
@@ -115,15 +117,6 @@ def reference_mask(attn, ratio, show=None):
     return mask
 
 
-_COMPILED = {}
-
-
-def compiled(name, fn):
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
-    return _COMPILED[name]
-
-
 def make_call(impl, task, attn, ratio, show):
     N = attn.shape[1]
     k = N // 2
@@ -143,37 +136,12 @@ def make_call(impl, task, attn, ratio, show):
     return lambda: fn(attn, ratio, show if hint else None)
 
 
-def skip_reason(impl):
-    if impl == "fastmask_cuda":
-        ok, why = ops.backends()["cuda"]["available"], ops.backends()["cuda"]["reason"]
-        return None if ok else why
-    return None
-
-
-_KERNEL_MS = {}
-
-
+@functools.cache
 def kernel_ms(impl, task, B, N):
-    key = (impl, task, B, N)
-    if key not in _KERNEL_MS:
-        import triton.testing
-
-        attn, ratio, show = make_inputs(task, B, N, torch.device("cuda"))
-        call = make_call(impl, task, attn, ratio, show)
-        with ops.value_checks(False):  # production setting: no host syncs for value checks
-            call()  # compile / autotune outside the timing
-            _KERNEL_MS[key] = triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
-    return _KERNEL_MS[key]
-
-
-def best_baseline_ms(task, B, N):
-    times = []
-    for impl in BASELINES:
-        try:
-            times.append(kernel_ms(impl, task, B, N))
-        except Exception:  # e.g. torch.compile unavailable: the other baselines still count
-            continue
-    return min(times)
+    """Median device time (ms) of one call, cached across the benchmarks."""
+    call = make_call(impl, task, *make_inputs(task, B, N, torch.device("cuda")))
+    with ops.value_checks(False):  # production setting: no host syncs for value checks
+        return device_ms(call)
 
 
 @pytest.mark.parametrize("N", TOKENS)
@@ -181,10 +149,7 @@ def best_baseline_ms(task, B, N):
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("impl", FASTMASK + BASELINES)
 def test_topk_mask(benchmark, impl, task, B, N):
-    need_gpu()
-    reason = skip_reason(impl)
-    if reason:
-        pytest.skip(reason)
+    need_gpu_for(impl)
     attn, ratio, show = make_inputs(task, B, N, torch.device("cuda"))
     call = make_call(impl, task, attn, ratio, show)
     info = benchmark.extra_info
@@ -193,7 +158,7 @@ def test_topk_mask(benchmark, impl, task, B, N):
     info["kernel_ms"] = round(ms, 5)
     info["rows_per_us"] = round(B / (ms * 1e3), 3)
     if impl in FASTMASK:
-        info["speedup_vs_best_baseline"] = round(best_baseline_ms(task, B, N) / ms, 3)
+        info["speedup_vs_best_baseline"] = round(fastest_ms(kernel_ms, BASELINES, task, B, N) / ms, 3)
     with ops.value_checks(False):
         if B == BATCHES[0]:
             info["kernels_per_call"] = len(launched_kernels(call))

@@ -51,3 +51,45 @@ def need_gpu(what: str = "kernel timings"):
     """Skip (with the reason shown by -rs) when no GPU: interpreter timings are not measurements."""
     if not HAS_CUDA:
         pytest.skip(f"{what} need a CUDA device; the Triton interpreter's CPU times mean nothing")
+
+
+def device_ms(call) -> float:
+    """Median device time (ms) of ``call()`` from triton.testing.do_bench (CUDA events, L2 flushed),
+    after one call outside the timing that compiles, autotunes or builds."""
+    import triton.testing
+
+    call()
+    return triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median")
+
+
+def fastest_ms(kernel_ms, impls, *key) -> float:
+    """The least ``kernel_ms(impl, *key)`` over ``impls``, leaving out the ones that raise (e.g.
+    torch.compile unavailable): the other baselines still count."""
+    times = []
+    for impl in impls:
+        try:
+            times.append(kernel_ms(impl, *key))
+        except Exception:
+            continue
+    return min(times)
+
+
+def need_gpu_for(impl):
+    """need_gpu(), and for fastmask_cuda also the CUDA extension: skip with the backend's reason without it."""
+    need_gpu()
+    if impl == "fastmask_cuda":
+        from fastmask import ops
+
+        report = ops.backends()["cuda"]
+        if not report["available"]:
+            pytest.skip(report["reason"])
+
+
+_COMPILED = {}
+
+
+def compiled(name, fn):
+    """torch.compile(fn, dynamic=False), built once per name and reused by every benchmark."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]

@@ -4,9 +4,10 @@ before anything is written to disk.  ``FASTMASK_DEBUG=1`` shows the traceback in
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 
 class UsageError(Exception):
@@ -28,6 +29,20 @@ def _user_error_types():
     return tuple(types)
 
 
+# What goes wrong while reading a checkpoint and the data a command runs on: each is the user's file
+# or choice (eval, export and attention_maps say so in one line).
+CHECKPOINT_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+@contextlib.contextmanager
+def as_usage_errors(types: tuple = CHECKPOINT_ERRORS) -> Iterator[None]:
+    """Inside the block, ``types`` are user mistakes: raised again as a one-line UsageError."""
+    try:
+        yield
+    except types as exc:
+        raise UsageError(one_line(exc)) from exc
+
+
 def one_line(exc: BaseException) -> str:
     """The exception's message on one line (multi-line messages are joined with ' | ')."""
     text = str(exc).strip() or type(exc).__name__
@@ -44,11 +59,26 @@ def run(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     except _user_error_types() + tuple(extra_user_errors) as exc:
         if os.environ.get("FASTMASK_DEBUG", "0") not in ("", "0"):
             raise
-        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        # engine.distributed.EveryRankUsageError: a mistake all ranks of a torchrun job found
+        # together; rank 0 says it once, then every rank exits together.
+        if getattr(exc, "report_here", True):
+            print(f"{prog}: {one_line(exc)}", file=sys.stderr, flush=True)
+        finish = getattr(exc, "finish", None)
+        if finish is not None:
+            finish(2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def add_checkpoint_arguments(parser, which_help: str = "student / teacher (default: the network the method evaluates)"):
+    """CHECKPOINT, ``--which`` and ``--arch``: what the commands that read a checkpoint's backbone
+    take (``fastmask.analysis.loading.backbone_from_args`` reads them)."""
+    parser.add_argument("checkpoint", help="driver checkpoint.pt or a timm/DeiT/DINO/iBOT weights file")
+    parser.add_argument("--which", default=None, help=which_help)
+    parser.add_argument("--arch", default=None, help="architecture of a plain weights file (preset or timm name)")
+    return parser
 
 
 def unreadable_checkpoint(path: str, exc: BaseException) -> str:

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._cli import UsageError, one_line, run
+from ._cli import add_checkpoint_arguments, as_usage_errors, run
 
 __all__ = ["cls_attention_per_head", "keep_top_mass", "attention_and_masks", "render", "main"]
 
@@ -222,9 +222,7 @@ def _dataset_images(data: str, image_size: int, n: int, split: str) -> Tuple[tor
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmask.attention_maps", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("checkpoint", help="driver checkpoint.pt or a timm/DeiT/DINO/iBOT weights file")
-    p.add_argument("--which", default=None, help="student / teacher (default: the network the method evaluates)")
-    p.add_argument("--arch", default=None, help="architecture of a plain weights file (preset or timm name)")
+    add_checkpoint_arguments(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", nargs="+", default=None, help="image files")
     src.add_argument("--data", default=None, help="builtin:shapes, builtin:digits or an ImageFolder root")
@@ -244,24 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .analysis.loading import load_backbone
+    from .analysis.loading import backbone_from_args
 
-    try:
-        model, info = load_backbone(args.checkpoint, args.which, arch=args.arch)
-        run_data = ((info.get("run_config") or {}).get("data") or {})
-        size = args.image_size or int(run_data.get("image_size") or model.patch_embed.img_size[0])
+    with as_usage_errors():  # fastmask._cli.run: one line, exit status 2
+        model, info, data, size = backbone_from_args(args)
         if args.images:
             images = _load_images(args.images, size, args.crop_pct)
             names = [os.path.splitext(os.path.basename(p))[0] for p in args.images]
         else:
-            data = args.data or run_data.get("data") or "builtin:shapes"
             images, names = _dataset_images(data, size, args.num_images, args.split)
         model.eval()
         maps = attention_and_masks(model, images, layer=args.layer, mask_ratio=args.mask_ratio,
                                    show_max=args.show_max, show_ratio=args.show_ratio, threshold=args.threshold,
                                    seed=args.seed)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     grid = tuple(model.grid_for(tuple(images.shape[-2:])))
     layer = args.layer % len(model.blocks)
     files = []

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cli import UsageError, one_line, run
+from ._cli import add_checkpoint_arguments, as_usage_errors, run
 
 __all__ = ["FEATURES", "extract", "knn_accuracy", "linear_probe", "evaluate_backbone", "main"]
 
@@ -217,9 +217,7 @@ def _floats(text: str) -> List[float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmask.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("checkpoint", help="driver checkpoint.pt or a timm/DeiT/DINO/iBOT weights file")
-    p.add_argument("--which", default=None, help="student / teacher (default: the network the method evaluates)")
-    p.add_argument("--arch", default=None, help="architecture of a plain weights file (preset or timm name)")
+    add_checkpoint_arguments(p)
     p.add_argument("--data", default=None, help="builtin:shapes, builtin:digits or an ImageFolder root "
                                                 "(default: the run's data)")
     p.add_argument("--image-size", type=int, default=None, help="eval crop (default: the run's, else the model's)")
@@ -242,21 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .analysis.loading import load_backbone
+    from .analysis.loading import backbone_from_args
 
-    try:
-        model, info = load_backbone(args.checkpoint, args.which, arch=args.arch)
-        run_data = ((info.get("run_config") or {}).get("data") or {})
-        data = args.data or run_data.get("data") or "builtin:shapes"
-        image_size = args.image_size or int(run_data.get("image_size") or model.patch_embed.img_size[0])
+    with as_usage_errors():  # fastmask._cli.run: one line, exit status 2
+        model, info, data, image_size = backbone_from_args(args)
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
         result = evaluate_backbone(
             model, data, image_size=image_size, features=args.features, n_last_blocks=args.n_last_blocks,
             knn_k=args.knn_k, knn_temperature=args.knn_temperature, lrs=args.lrs, epochs=args.epochs,
             batch_size=args.batch_size, num_workers=args.num_workers, loader=args.loader, device=device,
             max_train=args.max_train, linear=not args.no_linear, knn=not args.no_knn)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     result["checkpoint"] = {k: info.get(k) for k in ("checkpoint", "format", "which", "arch")}
     print(f"{info.get('which')} of {info.get('format')}: {args.checkpoint}")
     print(format_table(result))

@@ -29,8 +29,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ._cli import UsageError, one_line, run
-from .analysis.loading import _is_timm_name, load_backbone
+from ._cli import add_checkpoint_arguments, as_usage_errors, run
+from .analysis.loading import _is_timm_name, backbone_from_args, load_backbone  # noqa: F401 (load_backbone: part of this module's API)
 
 __all__ = ["export_timm", "load_exported", "timm_model_args", "main"]
 
@@ -158,24 +158,19 @@ def verify_export(model: nn.Module, path: str, meta: Dict[str, Any]) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmask.export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("checkpoint", help="driver checkpoint.pt or a timm/DeiT/DINO/iBOT weights file")
-    p.add_argument("--which", default=None,
-                   help="student or teacher (driver checkpoints: default DINO/iBOT's teacher, else the student; "
-                        "DINO/iBOT files: the entry)")
+    add_checkpoint_arguments(p, which_help="student or teacher (driver checkpoints: default DINO/iBOT's teacher, "
+                                            "else the student; DINO/iBOT files: the entry)")
     p.add_argument("--out", required=True, help="output .safetensors path (OUT.json is written next to it)")
     p.add_argument("--name", default=None, help="timm model name to export as (default: from the run's model.arch)")
-    p.add_argument("--arch", default=None, help="architecture of a plain weights file (preset or timm name)")
     p.add_argument("--no-verify", action="store_true", help="skip the timm round-trip check")
     return p
 
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, info = load_backbone(args.checkpoint, args.which, arch=args.arch)
+    with as_usage_errors():  # fastmask._cli.run: one line, exit status 2
+        model, info = backbone_from_args(args)[:2]
         meta = export_timm(model, args.out, name=args.name, info=info, verify=not args.no_verify)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(one_line(e)) from e  # fastmask._cli.run: one line, exit status 2
     margs = ", ".join(f"{k}={v!r}" for k, v in meta["model_args"].items())
     print(f"wrote {args.out} ({info.get('which')} of {info.get('format')}) as timm {meta['name']!r}")
     if "max_abs_diff" in meta:

@@ -84,6 +84,7 @@ class Plan:
     runs: List[Run]
     teacher: Optional[Run] = None
     out_dir: str = ""
+    chance: Optional[float] = None  # the metric of a guess (100 / classes), drawn and printed beside results
 
     def student_runs(self) -> List[Run]:
         return [r for r in self.runs if r.seed is not None]
@@ -150,7 +151,8 @@ def load_plan(paper: str, scale: str = "cpu", *, work_root: str = "runs/reproduc
             raise ValueError(f"{paper}: claim relation {rel!r} must be one of {RELATIONS}")
     return Plan(paper, scale, p.get("title", paper), p["metric"], names, seeds, claims,
                 float(p.get("equivalence_margin", 1.0)), runs, teacher,
-                out_dir or os.path.join("bench", "results", f"reproduce-{paper}-{scale}"))
+                out_dir or os.path.join("bench", "results", f"reproduce-{paper}-{scale}"),
+                float(sc["chance"]) if sc.get("chance") is not None else None)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -249,6 +251,8 @@ def format_table(plan: Plan, results: dict) -> str:
             lines.append(f"| {c['claim']} | {c['n']} | {mean} {ci} | {c['verdict']} |")
     cpu = sum(r.get("cpu_seconds") or 0 for runs in results["runs"].values() for r in runs.values())
     wall = sum(r.get("wall_seconds") or 0 for runs in results["runs"].values() for r in runs.values())
+    if plan.chance is not None:
+        lines += ["", f"Chance level of {plan.metric}: {plan.chance:g}%."]
     lines += ["", f"Runs finished: {sum(st['n'] for st in stats['settings'].values())}/"
                   f"{len(plan.settings) * len(plan.seeds)}; {wall / 3600:.2f} h wall, {cpu / 3600:.2f} CPU-h "
                   f"(students; teacher excluded)."]
@@ -273,6 +277,8 @@ def save_plot(plan: Plan, results: dict, path: str) -> Optional[str]:
     means = [stats[s]["mean"] if stats[s]["mean"] is not None else float("nan") for s in plan.settings]
     stds = [stats[s]["std"] or 0.0 for s in plan.settings]
     ax.errorbar(xs, means, yerr=stds, fmt="s", color="C3", capsize=4, zorder=2, label="mean ± std")
+    if plan.chance is not None:  # a result near this line says the features learnt nothing yet
+        ax.axhline(plan.chance, ls="--", lw=0.8, color="0.4", zorder=0, label=f"chance ({plan.chance:g}%)")
     ax.set_xticks(list(xs), plan.settings, rotation=15, fontsize=8)
     ax.set_ylabel(plan.metric)
     ax.set_title(f"{plan.paper} ({plan.scale}): grey = one seed", fontsize=9)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
-_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "expand", "as_strided",
-               "t", "transpose", "slice", "select", "unsqueeze", "squeeze", "alias", "detach", "lift_fresh",
-               "reshape", "permute", "_reshape_alias", "unbind", "split", "chunk", "view_as", "size", "stride",
-               "is_same_size", "sym_size", "sym_stride", "sym_numel", "_to_copy_noop"}
+from helpers import LAUNCH_NOTHING, SeeAtenOps, patched
+
+_NO_TRAFFIC = LAUNCH_NOTHING | {"reshape", "permute", "_reshape_alias", "unbind", "split", "chunk", "view_as", "size",
+                                "stride", "is_same_size", "sym_size", "sym_stride", "sym_numel", "_to_copy_noop"}
 
 
 def _tensor_bytes(t) -> int:
@@ -91,33 +91,20 @@ def count_bytes(call):
             acc = current.pop()
             launches.append((f"triton:{self.fn.__name__}", acc.total()))
 
-    from torch._library.custom_ops import OPDEFS
+    def count(name, args, kwargs, out):
+        if name in _NO_TRAFFIC:
+            return
+        outs = sum(_tensor_bytes(o) for o in _flat(out if isinstance(out, (list, tuple)) else [out]))
+        if name in ("zero_", "fill_", "zeros", "zeros_like", "full", "ones_like", "new_zeros", "new_full"):
+            moved = outs  # a fill writes its output and reads nothing
+        else:
+            moved = sum(_tensor_bytes(a) for a in _flat(list(args) + list(kwargs.values()))) + outs
+        torch_bytes[0] += moved
+        launches.append((name, moved))
 
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            opdef = OPDEFS.get(func.name().split(".")[0]) if func.namespace == "fastmask" else None
-            if opdef is not None:  # a fastmask operator: count what its implementation moves
-                with self:
-                    return opdef._init_fn(*args, **(kwargs or {}))
-            out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            if name not in _NO_TRAFFIC:
-                moved = sum(_tensor_bytes(a) for a in _flat(list(args) + list((kwargs or {}).values())))
-                moved += sum(_tensor_bytes(o) for o in _flat(out if isinstance(out, (list, tuple)) else [out]))
-                if name in ("zero_", "fill_", "zeros", "zeros_like", "full", "ones_like", "new_zeros", "new_full"):
-                    moved = sum(_tensor_bytes(o) for o in _flat(out if isinstance(out, (list, tuple)) else [out]))
-                torch_bytes[0] += moved
-                launches.append((name, moved))
-            return out
-
-    builder.create_masked_load, builder.create_masked_store = load, store
-    interp.InterpretedFunction.run = run
-    try:
-        with Count():
-            result = call()
-    finally:
-        builder.create_masked_load, builder.create_masked_store = real_load, real_store
-        interp.InterpretedFunction.run = real_run
+    with patched(builder, create_masked_load=load, create_masked_store=store), \
+            patched(interp.InterpretedFunction, run=run), SeeAtenOps(count):
+        result = call()
     triton_bytes = sum(b for n, b in launches if n.startswith("triton:"))
     return {"triton": triton_bytes, "torch": torch_bytes[0], "total": triton_bytes + torch_bytes[0],
             "launches": launches, "result": result}

@@ -31,13 +31,7 @@ from fastmask.analysis import (
 FLOOR = math.log(1e-10)  # anything below this is "zero" for a relative log singular value
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP oversubscription stalls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _uniform(batch, heads, length):
@@ -247,21 +241,17 @@ def _tiny_vit(seed=0, **kw):
 
 
 def test_recorder_matches_the_models_own_attention_and_block_outputs():
-    from fastmask.nn import iter_attention
-
     model = _tiny_vit()
     x = torch.randn(2, 3, 16, 16)
     seen_attn, seen_feat = {}, {}
     with LayerRecorder(model, lambda i, a: seen_attn.setdefault(i, a), lambda i, f: seen_feat.setdefault(i, f)):
         model.forward_features(x)
     assert sorted(seen_attn) == sorted(seen_feat) == [0, 1]
-    # The same matrices through the model's explicit path (store_attn_matrix) and block outputs by hand.
-    for m in iter_attention(model):
-        m.store_attn_matrix = True
+    # The same matrices through the model's explicit path (returned by each block) and block outputs by hand.
     tokens = model.embed(x)
     for i, block in enumerate(model.blocks):
-        tokens = block(tokens)
-        torch.testing.assert_close(seen_attn[i], block.attn.attn_matrix.float(), rtol=1e-5, atol=1e-6)
+        tokens, matrix = block(tokens, return_attn_matrix=True)
+        torch.testing.assert_close(seen_attn[i], matrix.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(seen_feat[i], tokens)
     assert seen_attn[0].shape == (2, 2, 17, 17)
     # Hooks are gone after the block.

@@ -8,6 +8,17 @@ import torch
 from fastmask import analyze
 
 
+def assert_one_line_usage_error(code, capsys, prog, expected, out):
+    """A user mistake: exit status 2, one line on stderr from ``prog`` that holds ``expected``, and
+    ``out`` not written.  Returns the line."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith(f"{prog}: "), err
+    assert expected in err[0], err
+    assert not out.exists()
+    return err[0]
+
+
 def _analyze_cases(tmp_path):
     ckpt = tmp_path / "weights.pt"
     torch.save({"not": torch.zeros(1)}, ckpt)
@@ -43,11 +54,7 @@ def test_analyze_user_errors_are_one_line_exit_2(tmp_path, capsys, case):
     args, expected = _analyze_cases(tmp_path)[case]
     out = tmp_path / "out"
     code = analyze.main(args + ["--out", str(out), "--no-progress"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("fastmask.analyze: "), err
-    assert expected in err[0], err
-    assert not out.exists()
+    assert_one_line_usage_error(code, capsys, "fastmask.analyze", expected, out)
 
 
 def test_analyze_help_names_every_measure(capsys):
@@ -78,19 +85,13 @@ HAS_CUDA = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """root/{train,val}/<class>/*.png (2 classes, 8 + 2 images of 32 px) and an empty folder."""
-    from PIL import Image
     import numpy as np
 
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 2)):
-        for c in range(2):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    empty = tmp_path_factory.mktemp("empty_data")
-    return str(root), str(empty)
+    from helpers import write_image_folder
+
+    root = write_image_folder(tmp_path_factory.mktemp("tiny_data"), (("train", 8), ("val", 2)), 2,
+                              lambda rng, c: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), name="c{c}/{i}.png")
+    return root, str(tmp_path_factory.mktemp("empty_data"))
 
 
 def _tiny_run(data, out, *extra):
@@ -181,14 +182,9 @@ def test_train_user_errors_are_one_line_exit_2_nothing_written(tmp_path, capsys,
     data, empty = tiny_data
     extra, expected = _train_cases(tmp_path, data, empty)[case]
     out = tmp_path / "out"
-    code = train_cli.main(_tiny_run(data, out) + extra)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("fastmask.train: "), err
-    assert expected in err[0], err
-    assert not out.exists()
+    err = assert_one_line_usage_error(train_cli.main(_tiny_run(data, out) + extra), capsys, "fastmask.train", expected, out)
     if case == "resume corrupt, prev kept":
-        assert "checkpoint.pt" in err[0] and "--resume " + str(tmp_path / "junk" / "checkpoint.prev.pt") in err[0]
+        assert "checkpoint.pt" in err and "--resume " + str(tmp_path / "junk" / "checkpoint.prev.pt") in err
 
 
 def test_train_help_lists_recipes_and_config_groups(capsys):
@@ -298,12 +294,15 @@ def _checkpoint_cli_cases(tmp_path):
     empty.write_bytes(b"")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"PK\x03\x04 not a torch file")
+    bad_safetensors = tmp_path / "junk.safetensors"
+    bad_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     return {"missing": (str(tmp_path / "nope.pt"), "nope.pt"), "zero bytes": (str(empty), "is empty (0 bytes)"),
-            "corrupt": (str(junk), "truncated or corrupt")}
+            "corrupt": (str(junk), "truncated or corrupt"),
+            "corrupt safetensors": (str(bad_safetensors), "cannot read checkpoint")}
 
 
 @pytest.mark.parametrize("prog", ["eval", "export", "attention_maps"])
-@pytest.mark.parametrize("case", ["missing", "zero bytes", "corrupt"])
+@pytest.mark.parametrize("case", ["missing", "zero bytes", "corrupt", "corrupt safetensors"])
 def test_checkpoint_clis_user_errors_are_one_line_exit_2(tmp_path, capsys, prog, case):
     import importlib
 
@@ -312,12 +311,7 @@ def test_checkpoint_clis_user_errors_are_one_line_exit_2(tmp_path, capsys, prog,
     out = tmp_path / "out"
     extra = {"eval": ["--out", str(out / "r.json")], "export": ["--out", str(out / "w.safetensors")],
              "attention_maps": ["--out", str(out)]}[prog]
-    code = module.main([path, *extra])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith(f"fastmask.{prog}: "), err
-    assert expected in err[0], err
-    assert not out.exists()
+    assert_one_line_usage_error(module.main([path, *extra]), capsys, f"fastmask.{prog}", expected, out)
 
 
 def test_driver_attention_maps_have_a_colour_bar():

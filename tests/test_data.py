@@ -387,6 +387,51 @@ def test_unusable_datasets_fail_early(tmp_path):
         make_loader(_cfg(root, "jax", tmp_path), "train", "eval")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("loader", "gpu", "loader: must be one of dali, torch, auto, got 'gpu'"),
+    ("batch_size", 0, "batch_size: must be >= 1, got 0"),
+    ("local_size", 0, "local_size: must be >= 1, got 0"),
+    ("num_workers", -1, "num_workers: must be >= 0, got -1"),
+    ("num_local_crops", -2, "num_local_crops: must be >= 0, got -2"),
+    ("local_scale", (0.5, 0.2), "local_scale: must be [lo, hi] with 0 < lo <= hi <= 1, got [0.5, 0.2]"),
+    ("eval_crop_pct", 1.5, "eval_crop_pct: must be in (0, 1], got 1.5"),
+    ("validate", "maybe", "validate: must be one of header, full, none, got 'maybe'"),
+])
+def test_one_data_config_check_serves_make_loader_and_the_preflight(tmp_path, field, value, message):
+    """make_loader and the training preflight run the same check: the same message, the preflight's
+    with the config section in front (and as a one-line UsageError)."""
+    from fastmask._cli import UsageError
+    from fastmask.config import load_config
+    from fastmask.engine.preflight import _check_data_section
+
+    cfg = DataConfig(data=str(tmp_path / "never_read"), **{field: value})
+    with pytest.raises(ValueError) as direct:
+        make_loader(cfg, "train", "eval")
+    assert str(direct.value) == message
+    train_cfg = load_config()
+    train_cfg.data = cfg
+    with pytest.raises(UsageError) as preflight:
+        _check_data_section(train_cfg)
+    assert str(preflight.value) == "data." + message
+    assert not (tmp_path / "never_read").exists()
+
+
+def test_dali_asked_for_but_missing_is_one_check(tmp_path, monkeypatch):
+    import fastmask.data as data_pkg
+    from fastmask._cli import UsageError
+    from fastmask.config import load_config
+    from fastmask.engine.preflight import _check_data_section
+
+    monkeypatch.setattr(data_pkg, "dali_available", lambda: False)
+    cfg = DataConfig(data=str(tmp_path), loader="dali")
+    with pytest.raises(RuntimeError, match=r"^loader=dali: nvidia.dali cannot be imported; .* or use loader=torch$"):
+        make_loader(cfg, "train", "eval")
+    train_cfg = load_config()
+    train_cfg.data = cfg
+    with pytest.raises(UsageError, match=r"^data.loader=dali: nvidia.dali cannot be .* use data.loader=torch$"):
+        _check_data_section(train_cfg)
+
+
 def test_validation_is_cached(tmp_path, monkeypatch):
     root = _write_folder(tmp_path / "d", {"train": {"a": 3, "b": 3}})
     cache = str(tmp_path / "cache")

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from fastmask.config import ConfigError, load_config
+from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "engine_worker.py")
@@ -39,21 +40,16 @@ def max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+def _bar_image(rng, c):
+    """Dark noise with a bright horizontal bar whose height gives the class."""
+    img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+    img[4 + 8 * c: 12 + 8 * c] = 200
+    return img
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("engine_folder")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
-                img[4 + 8 * c: 12 + 8 * c] = 200
-                Image.fromarray(img).save(d / f"{i:03d}.jpg")
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp("engine_folder"), (("train", 8), ("val", 4)), 3, _bar_image)
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +217,57 @@ def test_train_step_takes_accum_steps_micro_batches(folder, tmp_path):
     out = trainer.train_step([take(batch, 0, 4), take(batch, 4, 8)], epoch=0)
     assert trainer.step == 1 and torch.isfinite(out["loss"])
     trainer.close()
+
+
+@pytest.mark.slow
+def test_a_preflight_error_under_torchrun_is_one_line_and_every_rank_exits_2(folder, tmp_path):
+    """Every rank runs the preflight; rank 0 alone prints the mistake, each worker exits with 2
+    (torchrun's summary lists each rank's exit code), no traceback, nothing written."""
+    out = tmp_path / "run"
+    proc = subprocess.run(torchrun(
+        "-m", "fastmask.train", "--config", "dino_tiny_builtin", "--data", folder, f"output_dir={out}",
+        "data.batch_size=64", "data.num_workers=0", "data.loader=torch", f"data.cache_dir={tmp_path / 'cache'}"),
+        env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    lines = [line for line in log.splitlines() if line.startswith("fastmask.train: ")]
+    assert proc.returncode != 0
+    assert len(lines) == 1 and "fewer than batch_size=64" in lines[0], log[-3000:]
+    assert "UsageError" not in log and "failed:" not in log  # no worker's traceback or fail_together line
+    codes = [line.split(":", 1)[1].split()[0] for line in log.splitlines() if line.strip().startswith("exitcode")]
+    assert codes == ["2", "2"], log[-3000:]
+    assert not out.exists()
+
+
+def test_check_on_every_rank_raises_the_first_failing_ranks_error_everywhere(monkeypatch, capsys):
+    """Rank 1 fails where rank 0 passes (a per-rank device, say): both ranks raise the same error,
+    which names rank 1; fastmask._cli.run prints it on rank 0 only and every rank finishes with 2."""
+    from fastmask import _cli
+    from fastmask.engine import distributed as D
+
+    def gather_from(ranks):
+        def all_gather_object(out, mine):
+            out[:] = ranks
+        return all_gather_object
+
+    def fails():
+        raise _cli.UsageError("device=cuda:1: only 1 CUDA device(s) are visible")
+
+    monkeypatch.setattr(D.dist, "all_gather_object", gather_from([None, None]))
+    assert D.check_on_every_rank(lambda: 7, D.DistInfo(0, 2)) == 7
+    msg = "device=cuda:1: only 1 CUDA device(s) are visible"
+    monkeypatch.setattr(D.dist, "all_gather_object", gather_from([None, msg]))
+    finished = []
+    for rank, check in ((0, lambda: 7), (1, fails)):
+        with pytest.raises(D.EveryRankUsageError, match=r"^rank 1/2: device=cuda:1: only 1") as raised:
+            D.check_on_every_rank(check, D.DistInfo(rank, 2))
+        monkeypatch.setattr(raised.value, "finish", finished.append)  # the real one ends the process
+
+        def main(argv, exc=raised.value):
+            raise exc
+
+        assert _cli.run("fastmask.train", main, []) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == ([f"fastmask.train: rank 1/2: {msg}"] if rank == 0 else [])
+    assert finished == [2, 2]
+    with pytest.raises(_cli.UsageError, match="^device=cuda:1"):  # one process: the error itself
+        D.check_on_every_rank(fails, D.DistInfo(0, 1))

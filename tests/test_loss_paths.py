@@ -15,18 +15,13 @@ import torch.nn.functional as F
 
 from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, load_config
 from fastmask.methods import get_method
-from fastmask.methods.base import StepState
 from fastmask.methods.ibot import MASK_POLICIES
 from fastmask.methods.losses import DINOLoss, IBOTLoss, gather_rows, masked_token_ids
 from fastmask.methods.maskdistill import MaskDistill, MaskDistillConfig, distill_loss
+from helpers import step_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def today_dino(student, teacher, center, n_global, ts, tt):
@@ -134,15 +129,9 @@ TINY = ["model.depth=2", "model.embed_dim=48", "model.num_heads=3", "model.patch
         "method.mask_prob=0.5", "method.block_min_patches=2"]
 
 
-def _state(seed=0):
-    return StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                     teacher_momentum=0.9, backward=lambda loss: loss.backward(), device=torch.device("cpu"),
-                     generator=torch.Generator().manual_seed(seed))
-
-
 def _step_grads(method, crops):
     method.zero_grad(set_to_none=True)
-    loss, parts = method.training_step((crops, None), _state())
+    loss, parts = method.training_step((crops, None), step_state(teacher_momentum=0.9))
     loss.backward()
     return loss.detach(), parts, {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}
 
@@ -192,11 +181,11 @@ def test_maskdistill_masked_decoder_matches_full(kind):
     with pytest.warns(UserWarning, match="randomly initialised"):
         method = MaskDistill(cfg, num_classes=3)
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    loss, metrics = method.training_step((images, None), _state(2))
+    loss, metrics = method.training_step((images, None), step_state(2, teacher_momentum=0.9))
     params = [p for p in method.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     # Today's path: the decoder on every token, the loss masked afterwards (same masks: same generator seed).
-    mask = method.mask_policy(5, tuple(method.student.grid_size), generator=_state(2).generator)
+    mask = method.mask_policy(5, tuple(method.student.grid_size), generator=step_state(2, teacher_momentum=0.9).generator)
     assert int(mask.sum(1).unique().item()) == int(0.4 * 16)
     pred = method.decoder(method.student.forward_features(images, mask=mask).patch)
     ref = distill_loss(pred, method.teacher_targets(images), mask, kind)

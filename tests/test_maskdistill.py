@@ -14,17 +14,11 @@ import torch.nn.functional as F
 
 from fastmask.config import ModelConfig, TeacherConfig, TrainConfig, load_config
 from fastmask.methods import get_method
-from fastmask.methods.base import StepState
 from fastmask.methods.maskdistill import MaskDistill, MaskDistillConfig, distill_loss, whiten
+from helpers import image_batch, step_state
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: one thread avoids OpenMP oversubscription stalls.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_method(img_size=16, patch_size=4, seed=0, student_dim=32, **method):
@@ -39,15 +33,8 @@ def make_method(img_size=16, patch_size=4, seed=0, student_dim=32, **method):
         return MaskDistill(cfg, num_classes=3)
 
 
-def make_state(seed=0):
-    return StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                     teacher_momentum=0.0, backward=lambda loss: loss.backward(), device=torch.device("cpu"),
-                     generator=torch.Generator().manual_seed(seed))
-
-
 def make_batch(n=8, img_size=16, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, img_size, img_size, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return image_batch(n, img_size, 3, seed)
 
 
 def train_steps(method, steps, lr=3e-3):
@@ -58,7 +45,7 @@ def train_steps(method, steps, lr=3e-3):
     method.train()
     for step in range(steps):
         # The same masks every step: the decrease measures fitting, not mask luck.
-        loss, metrics = method.training_step(batch, make_state(seed=0))
+        loss, metrics = method.training_step(batch, step_state(seed=0))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,7 +126,7 @@ def test_step_masks_forty_percent_in_blocks_and_feeds_mask_tokens():
         return orig(images, **kw)
 
     method.student.forward_features = spy
-    loss, metrics = method.training_step((x, y), make_state(seed=3))
+    loss, metrics = method.training_step((x, y), step_state(seed=3))
     mask = seen["mask"]
     assert mask.shape == (8, 64) and mask.dtype == torch.bool
     assert (mask.sum(1) == int(0.4 * 64)).all()
@@ -158,7 +145,7 @@ def test_step_masks_forty_percent_in_blocks_and_feeds_mask_tokens():
     distill_loss(method.decoder(feats), method.teacher_targets(x), mask).backward()
     assert feats.grad[~mask].abs().max() == 0 and feats.grad[mask].abs().max() > 0
     # Same seed, same masks (resumable runs).
-    method.training_step((x, y), make_state(seed=3))
+    method.training_step((x, y), step_state(seed=3))
     assert torch.equal(seen["mask"], mask)
 
 

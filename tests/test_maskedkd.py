@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from fastmask.config import ModelConfig, TeacherConfig, TrainConfig
 from fastmask.flops import FlopMeter, count_flops
 from fastmask.methods import get_method
-from fastmask.methods.base import StepState
 from fastmask.methods.maskedkd import MaskedKD, MaskedKDConfig, resolve_keep
 from fastmask.methods.supervised import hard_distillation_loss, soft_distillation_loss
 from fastmask.models import create_vit
+from helpers import image_batch, step_state
 
 NUM_CLASSES = 4
 NO_MIX = dict(mixup_alpha=0.0, cutmix_alpha=0.0)
@@ -35,15 +35,8 @@ def make_method(img_size=32, patch_size=8, teacher_keep=8, student_depth=2, teac
     return MaskedKD(cfg, NUM_CLASSES, student=student, teacher=teacher)
 
 
-def make_state(seed=0):
-    return StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                     teacher_momentum=0.0, backward=lambda loss: loss.backward(), device=torch.device("cpu"),
-                     generator=torch.Generator().manual_seed(seed))
-
-
 def make_batch(n=8, img_size=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, img_size, img_size, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return image_batch(n, img_size, NUM_CLASSES, seed)
 
 
 def record_teacher_calls(method):
@@ -63,7 +56,7 @@ def test_a_few_steps_lower_the_loss(distillation):
     opt = torch.optim.AdamW(method.student.parameters(), lr=2e-3)
     losses = []
     for step in range(6):
-        loss, metrics = method.training_step((images, labels), make_state(step))
+        loss, metrics = method.training_step((images, labels), step_state(step))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -84,7 +77,7 @@ def test_kept_tokens_are_the_top_k_of_the_student_cls_map(keep):
     method = make_method(teacher_keep=keep, **NO_MIX)
     images, labels = make_batch()
     calls, lengths = record_teacher_calls(method)
-    _, metrics = method.training_step((images, labels), make_state())
+    _, metrics = method.training_step((images, labels), step_state())
     with torch.no_grad():  # the student is deterministic (no dropout/drop-path): same map again
         _, cls_attn = method.student(images, return_cls_attn=True)
     ids = calls[0]
@@ -106,7 +99,7 @@ def test_teacher_keep_n_is_plain_kd():
     images, labels = make_batch()
     method = make_method(teacher_keep=16, **NO_MIX)  # N = 16
     calls, lengths = record_teacher_calls(method)
-    loss, metrics = method.training_step((images, labels), make_state())
+    loss, metrics = method.training_step((images, labels), step_state())
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}
     assert calls and all(c is None for c in calls)  # no ids: the teacher saw every token
@@ -228,7 +221,7 @@ def test_method_logs_the_counted_teacher_flops():
     method = make_method(img_size=224, patch_size=16, teacher_keep=98, student_depth=1, teacher_depth=1,
                          **NO_MIX)
     images, labels = make_batch(n=2, img_size=224)
-    _, metrics = method.training_step((images, labels), make_state())
+    _, metrics = method.training_step((images, labels), step_state())
     with torch.no_grad():
         _, cls_attn = method.student(images, return_cls_attn=True)
         ids = torch.sort(torch.topk(cls_attn, 98, dim=1).indices, dim=1).values
@@ -244,8 +237,8 @@ def test_dispatch_counter_agrees_with_hooks():
     a = make_method(teacher_keep=6, flop_counter="hooks", **NO_MIX)
     b = make_method(teacher_keep=6, flop_counter="dispatch", **NO_MIX)
     images, labels = make_batch(n=2)
-    _, ma = a.training_step((images, labels), make_state())
-    _, mb = b.training_step((images, labels), make_state())
+    _, ma = a.training_step((images, labels), step_state())
+    _, mb = b.training_step((images, labels), step_state())
     assert ma["teacher_gflops"] == pytest.approx(mb["teacher_gflops"])
     assert ma["teacher_gflops_full"] == pytest.approx(mb["teacher_gflops_full"])
 
@@ -263,9 +256,7 @@ def test_cuda_step_with_fused_attention_logs_counted_flops(monkeypatch):
     method = MaskedKD(cfg, 1000, student=student, teacher=teacher).to(device).train()
     images = torch.randn(32, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (32,), device=device)
-    state = StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                      teacher_momentum=0.0, backward=lambda loss: loss.backward(), device=device,
-                      generator=torch.Generator(device=device).manual_seed(0), amp_dtype=torch.bfloat16)
+    state = step_state(device=device, amp_dtype=torch.bfloat16)
     monkeypatch.delenv("FASTMASK_BACKEND", raising=False)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, metrics = method.training_step((images, labels), state)
@@ -321,9 +312,9 @@ def test_random_teacher_selection_keeps_k_random_patches():
     method = make_method(teacher_keep=5, teacher_select="random", **NO_MIX)  # N = 16
     images, labels = make_batch()
     calls, lengths = record_teacher_calls(method)
-    method.training_step((images, labels), make_state(seed=3))
-    method.training_step((images, labels), make_state(seed=3))
-    method.training_step((images, labels), make_state(seed=4))
+    method.training_step((images, labels), step_state(seed=3))
+    method.training_step((images, labels), step_state(seed=3))
+    method.training_step((images, labels), step_state(seed=4))
     calls = [c for c in calls if c is not None]  # drop the one full-input FLOP count
     ids = calls[0]
     assert ids.shape == (8, 5) and bool((ids[:, 1:] > ids[:, :-1]).all()) and int(ids.max()) < 16

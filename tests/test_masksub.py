@@ -13,7 +13,6 @@ from fastmask import ops
 from fastmask.config import ModelConfig, TrainConfig
 from fastmask.flops import SavedActivationMeter
 from fastmask.methods import get_method
-from fastmask.methods.base import StepState
 from fastmask.methods.masksub import MaskSub, MaskSubConfig, sub_branch_regularisation
 from fastmask.methods.supervised import (
     TargetMixer,
@@ -21,6 +20,7 @@ from fastmask.methods.supervised import (
     self_distillation_loss,
 )
 from fastmask.models import create_vit
+from helpers import image_batch, step_state
 
 NUM_CLASSES = 4
 NO_MIX = dict(mixup_alpha=0.0, cutmix_alpha=0.0)
@@ -41,15 +41,8 @@ def make_method(img_size=32, patch_size=8, depth=2, drop_path_rate=0.0, seed=0, 
     return MaskSub(cfg, NUM_CLASSES, student=student)
 
 
-def make_state(seed=0, backward=None):
-    return StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                     teacher_momentum=0.0, backward=backward or (lambda loss: loss.backward()),
-                     device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
-
-
 def make_batch(n=8, img_size=32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, img_size, img_size, generator=g), torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    return image_batch(n, img_size, NUM_CLASSES, seed)
 
 
 @torch.no_grad()
@@ -70,7 +63,7 @@ def test_a_few_steps_lower_the_loss(variant, loss):
     before = eval_loss(method, images, labels, loss)
     step_losses = []
     for step in range(6):
-        total, metrics = method.training_step((images, labels), make_state(step))
+        total, metrics = method.training_step((images, labels), step_state(step))
         assert total.requires_grad is False  # manual backward: the returned loss is for logging
         assert set(metrics) >= {"loss_main", "loss_sub", "sub_tokens"}
         opt.step()
@@ -97,7 +90,7 @@ def test_sub_branch_runs_on_half_the_tokens_after_main_backward(img_size, patch_
     first_block.register_forward_hook(lambda mod, inp, out: events.append(("forward", inp[0].shape[1])))
     first_block.register_full_backward_hook(lambda mod, gin, gout: events.append(("backward", None)))
     images, labels = make_batch(img_size=img_size)
-    _, metrics = method.training_step((images, labels), make_state())
+    _, metrics = method.training_step((images, labels), step_state())
     K = int(N / 2)
     # main forward on CLS + N, its backward, then the sub forward on CLS + K and its backward
     assert events == [("forward", 1 + N), ("backward", None), ("forward", 1 + K), ("backward", None)]
@@ -137,7 +130,7 @@ def test_peak_saved_activations_stay_near_one_branch():
         method = make_method(img_size=64, sequential_backward=sequential, **NO_MIX)
         meter = SavedActivationMeter(exclude=method.student.parameters())
         with meter.track():
-            method.training_step((images, labels), make_state())
+            method.training_step((images, labels), step_state())
         return meter.peak, meter.live
 
     def peak_main_only():
@@ -163,7 +156,7 @@ def test_sequential_and_joint_backward_give_the_same_gradients():
     grads = []
     for sequential in (True, False):
         method = make_method(sequential_backward=sequential, **NO_MIX)
-        total, _ = method.training_step((images, labels), make_state(seed=3))
+        total, _ = method.training_step((images, labels), step_state(seed=3))
         grads.append({n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
@@ -179,7 +172,7 @@ def test_sub_loss_targets_the_detached_main_prediction():
         captured.setdefault("parts", []).append(float(loss.detach()))
         loss.backward()
 
-    _, metrics = method.training_step((images, labels), make_state(seed=4, backward=backward))
+    _, metrics = method.training_step((images, labels), step_state(seed=4, backward=backward))
     # recompute both halves independently with the same masking draw
     student = method.student
     with torch.no_grad():
@@ -220,7 +213,7 @@ def test_dropsub_pathsub_switch_rates_for_the_sub_forward_only(variant):
 
     block.register_forward_hook(record)
     before = (type(block.drop_path1), type(block.drop_path2), block.attn.proj_drop.p, block.mlp.drop2.p)
-    method.training_step(make_batch(), make_state())
+    method.training_step(make_batch(), step_state())
     assert seen[0] == (0.0, 0.0, 0.0, None)  # main branch: the model's own rates (none here)
     if variant == "dropsub":
         assert seen[1] == (0.3, 0.3, 0.3, None)
@@ -277,7 +270,7 @@ def test_bad_config_raises_value_error(bad):
 def test_odd_batch_with_mixup_is_a_clear_error():
     method = make_method(mixup_alpha=0.8)
     with pytest.raises(ValueError, match="even batch"):
-        method.training_step(make_batch(n=5), make_state())
+        method.training_step(make_batch(n=5), step_state())
 
 
 @pytest.mark.gpu
@@ -295,9 +288,7 @@ def test_cuda_peak_memory_sequential_backward_is_one_branch(monkeypatch):
         cfg.method = MaskSubConfig(sequential_backward=(kind != "joint"), **NO_MIX)
         student = create_vit("vit_small", patch_size=16, img_size=224, num_classes=1000).to(device)
         method = MaskSub(cfg, 1000, student=student).to(device)
-        state = StepState(epoch=0, step=0, steps_per_epoch=1, total_steps=1, progress=0.0, lr=1e-3, wd=0.0,
-                          teacher_momentum=0.0, backward=lambda loss: loss.backward(), device=device,
-                          generator=torch.Generator(device=device).manual_seed(0), amp_dtype=torch.bfloat16)
+        state = step_state(device=device, amp_dtype=torch.bfloat16)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -344,7 +335,7 @@ def test_sub_weight_zero_is_plain_supervised_training_without_a_sub_forward():
     method = make_method(main_weight=1.0, sub_weight=0.0, loss="ce", **NO_MIX)
     tokens = []
     method.student.blocks[0].register_forward_hook(lambda mod, inp, out: tokens.append(inp[0].shape[1]))
-    loss, metrics = method.training_step((images, labels), make_state())
+    loss, metrics = method.training_step((images, labels), step_state())
     assert tokens == [17] and "loss_sub" not in metrics  # one full forward, no sub-branch
     grads = {n: p.grad.clone() for n, p in method.student.named_parameters() if p.grad is not None}
     reference = make_method(main_weight=1.0, sub_weight=0.0, loss="ce", **NO_MIX)

@@ -90,10 +90,12 @@ def test_cls_map_is_a_return_value_only():
     # No module state changes during a call (no map kept on the module).
     assert vars(attn).keys() == before.keys() and not hasattr(attn, "cls_attn")
     assert not hasattr(attn, "store_cls_attn")
-    attn.store_attn_matrix = True
-    attn(x)
-    assert attn.attn_matrix.shape == (2, HEADS, 9, 9) and not attn.attn_matrix.requires_grad
-    torch.testing.assert_close(attn.attn_matrix.sum(-1), torch.ones(2, HEADS, 9))
+    # The full matrix is a return value too: no attribute path to keep it on the module.
+    assert not hasattr(attn, "store_attn_matrix") and not hasattr(attn, "attn_matrix")
+    _, matrix = attn(x, return_attn_matrix=True)
+    assert vars(attn).keys() == before.keys() and not hasattr(attn, "attn_matrix")
+    assert matrix.shape == (2, HEADS, 9, 9) and matrix.dtype == torch.float32
+    torch.testing.assert_close(matrix.sum(-1), torch.ones(2, HEADS, 9))
 
 
 def _hvp(module, x, v):
@@ -250,3 +252,11 @@ def test_block_returns_the_cls_map_of_its_attention(init_values):
     _, expected = ours.attn(ours.norm1(x), return_cls_attn=True)
     assert cls_attn.shape == (2, 9)
     torch.testing.assert_close(cls_attn, expected)
+    # The full matrix comes back too (after the map, as the attention orders them), from the explicit path.
+    out_m, cls_m, matrix = ours(x, return_cls_attn=True, return_attn_matrix=True)
+    _, expected_matrix = ours.attn(ours.norm1(x), return_attn_matrix=True)
+    torch.testing.assert_close(out_m, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_m, cls_attn, rtol=1e-5, atol=1e-6)
+    assert matrix.shape == (2, HEADS, 11, 11)
+    torch.testing.assert_close(matrix, expected_matrix)
+    torch.testing.assert_close(matrix[:, :, 0, 2:].mean(1), cls_attn, rtol=1e-5, atol=1e-6)

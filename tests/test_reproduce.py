@@ -85,6 +85,7 @@ def test_smoke_run_writes_results_and_resumes_without_retraining(tmp_path, monke
     assert st["n"] == 3 and st["mean"] == pytest.approx(sum(st["per_seed"].values()) / 3)
     table = open(out / "table.md").read()
     assert "| no_kd | 3/3 |" in table and "Teacher (teacher:supervised_deep)" in table
+    assert "Chance level of val_top1: 10%." in table  # builtin:objects: 10 classes
     assert open(out / "plot.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # Resume: everything is finished, so nothing trains again, even with the work folders gone.

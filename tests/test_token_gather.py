@@ -53,6 +53,16 @@ def _maybe_strided(t, strided):
     return noncontiguous(t) if strided else t
 
 
+def _run_backward(op, strided, grad_out, first, *middle, last):
+    """``out = op(first, *middle, last)`` and ``out.backward(grad_out)`` on fresh leaf copies of ``first``
+    (passed non-contiguous if ``strided``) and ``last`` (None stays None); returns out and both grads."""
+    first = first.clone().requires_grad_(True)
+    last = None if last is None else last.clone().requires_grad_(True)
+    out = op(_maybe_strided(first, strided), *middle, last)
+    out.backward(grad_out)
+    return out.detach(), first.grad, None if last is None else last.grad
+
+
 def _sum_tol(dtype):
     """Tolerance for a gradient summed over many rows: both sides accumulate in float32 (in different
     orders) and round once to ``dtype``, so they may differ by about two units in the last place."""
@@ -89,15 +99,9 @@ def test_gather_gradients(backend, case):
     pos_base = _extra(pos_kind, N, D, dtype, g)
     grad_out = randn(B, K, D, dtype=dtype, generator=g)
 
-    def run(fn):
-        x = x_base.clone().requires_grad_(True)
-        pos = None if pos_base is None else pos_base.clone().requires_grad_(True)
-        out = fn(_maybe_strided(x, strided), ids, pos)
-        out.backward(grad_out)
-        return x.grad, None if pos is None else pos.grad
-
-    gx, gp = run(lambda x, i, p: ops.gather_tokens(x, i, pos_embed=p, backend=backend))
-    rx, rp = run(reference.gather_tokens)
+    _, gx, gp = _run_backward(lambda x, i, p: ops.gather_tokens(x, i, pos_embed=p, backend=backend),
+                              strided, grad_out, x_base, ids, last=pos_base)
+    _, rx, rp = _run_backward(reference.gather_tokens, strided, grad_out, x_base, ids, last=pos_base)
     assert gx.dtype == rx.dtype and torch.equal(gx, rx)  # a scatter of the grad: exact
     if rp is not None:
         assert gp.shape == rp.shape and gp.dtype == rp.dtype
@@ -165,14 +169,9 @@ def test_scatter_gradients(backend, case):
     fill_base = _fill(fill_kind, D, dtype, g)
     grad_out = randn(B, N, D, dtype=dtype, generator=g)
 
-    def run(fn):
-        xk = xk_base.clone().requires_grad_(True)
-        fill = None if fill_base is None else fill_base.clone().requires_grad_(True)
-        fn(_maybe_strided(xk, strided), ids, N, fill).backward(grad_out)
-        return xk.grad, None if fill is None else fill.grad
-
-    gx, gf = run(lambda xk, i, n, f: ops.scatter_tokens(xk, i, n, f, backend=backend))
-    rx, rf = run(reference.scatter_tokens)
+    _, gx, gf = _run_backward(lambda xk, i, n, f: ops.scatter_tokens(xk, i, n, f, backend=backend),
+                              strided, grad_out, xk_base, ids, N, last=fill_base)
+    _, rx, rf = _run_backward(reference.scatter_tokens, strided, grad_out, xk_base, ids, N, last=fill_base)
     assert torch.equal(gx, rx)  # a gather of the grad: exact
     if rf is not None:
         assert gf.shape == rf.shape and gf.dtype == rf.dtype
@@ -214,15 +213,9 @@ def test_apply_mask_token_matches_reference_with_grads(backend, N, D, dtype, str
     token_base = randn(D, dtype=token_dtype, generator=g)
     grad_out = randn(B, N, D, dtype=dtype, generator=g)
 
-    def run(fn):
-        x = x_base.clone().requires_grad_(True)
-        token = token_base.clone().requires_grad_(True)
-        out = fn(_maybe_strided(x, strided), mask, token)
-        out.backward(grad_out)
-        return out.detach(), x.grad, token.grad
-
-    out, gx, gt = run(lambda x, m, t: ops.apply_mask_token(x, m, t, backend=backend))
-    ref, rx, rt = run(reference.apply_mask_token)
+    out, gx, gt = _run_backward(lambda x, m, t: ops.apply_mask_token(x, m, t, backend=backend),
+                                strided, grad_out, x_base, mask, last=token_base)
+    ref, rx, rt = _run_backward(reference.apply_mask_token, strided, grad_out, x_base, mask, last=token_base)
     assert torch.equal(out, ref)
     assert torch.equal(gx, rx)
     assert gt.dtype == rt.dtype and gt.shape == rt.shape

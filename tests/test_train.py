@@ -17,32 +17,31 @@ import yaml
 
 from fastmask.config import ConfigError, config_to_dict, load_config
 from fastmask.train import Trainer, cosine_schedule, knn_accuracy, main, step_seed
+from helpers import write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
+
+
+def _class_image(rng, c):
+    """Dark noise with a coloured horizontal bar (class 0), vertical bar (1) or square (2)."""
+    img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+    if c == 0:
+        img[12:20, :] = COLOURS[c]
+    elif c == 1:
+        img[:, 12:20] = COLOURS[c]
+    else:
+        img[8:24, 8:24] = COLOURS[c]
+    return img
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """root/{train,val}/<class>/*.jpg: three classes told apart by colour and a bar's orientation."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("tiny_folder")
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
-    for split, n in (("train", 8), ("val", 4)):
-        for c, colour in enumerate(colours):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
-                if c == 0:
-                    img[12:20, :] = colour
-                elif c == 1:
-                    img[:, 12:20] = colour
-                else:
-                    img[8:24, 8:24] = colour
-                Image.fromarray(img).save(d / f"{i:03d}.jpg", quality=95)
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp("tiny_folder"), (("train", 8), ("val", 4)), len(COLOURS),
+                              _class_image, quality=95)
 
 
 def tiny_overrides(folder, out_dir, *extra):
@@ -96,18 +95,13 @@ def test_recipes_load(recipe):
     (["data.batch_size=abc"], "data.batch_size: expected an integer, got 'abc'"),
     (["model=3"], "model: expected a mapping of ModelConfig fields"),
     (["compile=maybe"], "compile: must be none, blocks or step"),
+    (["method.attmask_ratio=0.3"], "method.attmask_ratio: expected a list of 2 values, got 0.3"),
 ])
-def test_bad_config_fails_with_clear_message(overrides, needle):
+def test_bad_config_fails_with_a_clear_one_line_message(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert needle in str(err.value)
-
-
-def test_errors_are_one_line():
-    for overrides in (["optim.lrr=1"], ["epochs=ten"], ["optim.lr=-1"], ["method.attmask_ratio=0.3"]):
-        with pytest.raises(ConfigError) as err:
-            load_config(overrides=overrides)
-        assert "\n" not in str(err.value), str(err.value)
+    assert "\n" not in str(err.value), str(err.value)
 
 
 def test_overrides_are_typed_and_merged_over_the_recipe():

@@ -9,8 +9,8 @@ import torch
 
 from fastmask.data import DataConfig, make_loader, resolve_data_root, write_shards
 from fastmask.data.dali_loader import dali_available
-from fastmask.data.folder import DatasetError
-from fastmask.data.webdataset import ShardedPlan, main as wds_main, scan_shards
+from fastmask.data.folder import DatasetError, ShardPlan
+from fastmask.data.webdataset import main as wds_main, scan_shards
 from test_train import tiny_folder  # noqa: F401  (fixture)
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali is not importable here")
@@ -71,7 +71,7 @@ def test_torch_shard_pipeline_equals_imagefolder(shards, pipeline, split):
 
 def test_rank_split_reads_whole_disjoint_tars_and_agrees_on_length():
     sizes = [128] * 7 + [104]
-    plans = [ShardedPlan(sizes, 16, rank, 3, seed=1) for rank in range(3)]
+    plans = [ShardPlan.of_tars(sizes, 16, rank, 3, seed=1) for rank in range(3)]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     assert {len(p) for p in plans} == {14}  # 2 tars per rank; the 2 smallest hold 232 samples = 14 batches
     for epoch in range(3):
@@ -84,10 +84,10 @@ def test_rank_split_reads_whole_disjoint_tars_and_agrees_on_length():
             first = mine[0]
             assert np.array_equal(idx[:sizes[first]], np.arange(starts[first], starts[first] + sizes[first]))
     assert plans[0].shards_for(0) != plans[0].shards_for(1) or plans[0].shards_for(1) != plans[0].shards_for(2)
-    ev = [ShardedPlan(sizes, 16, r, 3, shuffle=False, drop_last=False) for r in range(3)]
+    ev = [ShardPlan.of_tars(sizes, 16, r, 3, shuffle=False, drop_last=False) for r in range(3)]
     assert sorted(np.concatenate([p.indices(0) for p in ev]).tolist()) == list(range(1000))
     with pytest.raises(DatasetError, match="cannot be split over 9 ranks"):
-        ShardedPlan(sizes, 16, 0, 9)
+        ShardPlan.of_tars(sizes, 16, 0, 9)
 
 
 def test_resume_skips_batches_without_reading_them(shards):

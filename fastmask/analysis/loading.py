@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..models.vit import _NAME_RE, _STATE_KEYS, _is_state_dict, is_driver_checkpoint, select_backbone_state
+from ..models.vit import _NAME_RE, _STATE_KEYS, _is_state_dict, _read_file, is_driver_checkpoint, select_backbone_state
 
-__all__ = ["load_backbone", "load_vit_for_analysis", "infer_vit_kwargs", "select_backbone_state"]
+__all__ = ["load_backbone", "backbone_from_args", "CommandInputs", "load_vit_for_analysis", "infer_vit_kwargs",
+           "select_backbone_state"]
 
 # Methods whose evaluated network is an EMA teacher (kept in the checkpoint as ``teacher.``).
 _EMA_METHODS = ("dino", "ibot")
@@ -66,17 +67,15 @@ def infer_vit_kwargs(sd: Dict[str, torch.Tensor]) -> Dict[str, Any]:
 
 
 def _read(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path, device="cpu")
-    # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors; the
-    # file is the user's own.
+    """The file's object; a missing file is FileNotFoundError, an unreadable one a ValueError
+    that says why (empty, cut off, not a checkpoint)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for a cut-off or foreign file
+        # Driver checkpoints hold plain Python objects (config dicts, RNG states) next to tensors;
+        # the file is the user's own.
+        return _read_file(path, full_pickle=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch and safetensors raise several types for a cut-off or foreign file
         from .._cli import unreadable_checkpoint
 
         raise ValueError(unreadable_checkpoint(path, e)) from e
@@ -204,8 +203,6 @@ def load_backbone(path: str, which: Optional[str] = None, *, arch: Optional[str]
     sub-module prefix; default: the network the method evaluates, DINO/iBOT's EMA teacher, else the
     student) or a timm/DeiT/DINO/iBOT file (``which`` = its entry, e.g. ``teacher``).  ``info``
     carries ``run_config`` (the driver's config dict) when the file has one."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r} (fastmask never downloads weights)")
     ckpt = _read(path)
     run_cfg = ckpt["config"] if is_driver_checkpoint(ckpt) else None
     key, prefix = None, which
@@ -225,6 +222,27 @@ def load_backbone(path: str, which: Optional[str] = None, *, arch: Optional[str]
     info["run_config"] = run_cfg
     info["which"] = key or (prefix or "").rstrip(".") or ("student" if run_cfg is not None else "model")
     return model, info
+
+
+class CommandInputs(NamedTuple):
+    """What a command that reads a checkpoint works on (``backbone_from_args``)."""
+
+    model: nn.Module  # the backbone, eval mode, CPU
+    info: Dict[str, Any]  # load_backbone's description (which, format, run_config, ...)
+    data: str  # --data, else the run's data, else builtin:shapes
+    image_size: int  # --image-size, else the run's, else the model's own input size
+
+
+def backbone_from_args(args) -> CommandInputs:
+    """``load_backbone`` of a command line's CHECKPOINT / ``--which`` / ``--arch``
+    (``fastmask._cli.add_checkpoint_arguments``), and the data and input size to run it on:
+    ``--data`` / ``--image-size`` where the command has them, else the run's (the driver
+    checkpoint's config), else builtin:shapes and the model's own size."""
+    model, info = load_backbone(args.checkpoint, args.which, arch=args.arch)
+    run_data = (info.get("run_config") or {}).get("data") or {}
+    data = getattr(args, "data", None) or run_data.get("data") or "builtin:shapes"
+    size = getattr(args, "image_size", None) or int(run_data.get("image_size") or model.patch_embed.img_size[0])
+    return CommandInputs(model, info, data, size)
 
 
 def _run_teacher(run_cfg: Dict[str, Any]) -> Dict[str, Any]:

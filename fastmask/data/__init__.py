@@ -30,12 +30,12 @@ import torch
 from . import augment
 from .builtin import BUILTIN_DATASETS, ensure_builtin
 from .dali_loader import DaliLoader, dali_available
-from .folder import DatasetError, ImageFolderSplit, ShardPlan, check_image_file, scan_image_folder
+from .folder import VALIDATE_MODES, DatasetError, ImageFolderSplit, ShardPlan, check_image_file, scan_image_folder
 from .torch_loader import TorchLoader
 from .webdataset import is_shard_split, write_shards
 
 __all__ = [
-    "DataConfig", "make_loader", "resolve_data_root", "DatasetError", "dali_available",
+    "DataConfig", "check_data_config", "make_loader", "resolve_data_root", "DatasetError", "dali_available",
     "BUILTIN_DATASETS", "ensure_builtin", "scan_image_folder", "check_image_file", "ImageFolderSplit",
     "ShardPlan", "augment", "write_shards",
 ]
@@ -71,24 +71,29 @@ def resolve_data_root(cfg: DataConfig) -> str:
     return os.path.expanduser(cfg.data)
 
 
-def _check_config(cfg: DataConfig, split: str, pipeline: str) -> None:
-    if pipeline not in PIPELINES:
-        raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+def check_data_config(cfg: DataConfig, prefix: str = "") -> None:
+    """Every field of ``cfg`` in range, or a one-line ValueError naming it (``prefix`` + field:
+    what it must be, what it is); RuntimeError when ``loader=dali`` cannot be imported.  The
+    training preflight runs it with ``prefix="data."``, ``make_loader`` with none."""
     if cfg.loader not in LOADERS:
-        raise ValueError(f"loader must be one of {LOADERS}, got {cfg.loader!r}")
+        raise ValueError(f"{prefix}loader: must be one of {', '.join(LOADERS)}, got {cfg.loader!r}")
+    if cfg.loader == "dali" and not dali_available():
+        raise RuntimeError(f"{prefix}loader=dali: nvidia.dali cannot be imported; install nvidia-dali-cuda120 "
+                           f"or use {prefix}loader=torch")
     for name in ("batch_size", "image_size", "local_size"):
         if int(getattr(cfg, name)) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.num_local_crops < 0 or cfg.num_workers < 0:
-        raise ValueError("num_local_crops and num_workers must be >= 0")
+            raise ValueError(f"{prefix}{name}: must be >= 1, got {getattr(cfg, name)}")
+    for name in ("num_workers", "num_local_crops"):
+        if int(getattr(cfg, name)) < 0:
+            raise ValueError(f"{prefix}{name}: must be >= 0, got {getattr(cfg, name)}")
     for name in ("global_scale", "local_scale", "supervised_scale"):
         lo, hi = getattr(cfg, name)
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+            raise ValueError(f"{prefix}{name}: must be [lo, hi] with 0 < lo <= hi <= 1, got [{lo}, {hi}]")
     if not 0 < cfg.eval_crop_pct <= 1:
-        raise ValueError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+        raise ValueError(f"{prefix}eval_crop_pct: must be in (0, 1], got {cfg.eval_crop_pct}")
+    if cfg.validate not in VALIDATE_MODES:
+        raise ValueError(f"{prefix}validate: must be one of {', '.join(VALIDATE_MODES)}, got {cfg.validate!r}")
 
 
 def _specs(cfg: DataConfig, pipeline: str):
@@ -120,7 +125,11 @@ def make_loader(
     ``num_classes``, ``num_samples`` (usable images in the split, all shards), ``backend``
     ("dali"/"torch") and ``bad_files`` (files skipped so far).
     """
-    _check_config(cfg, split, pipeline)
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    check_data_config(cfg)
     device = torch.device(device if device is not None else "cpu")
     training = pipeline != "eval"
     drop_last = training if drop_last is None else bool(drop_last)
@@ -131,17 +140,14 @@ def make_loader(
         # DALI pays off with nvJPEG decoding and GPU augmentation; its CPU operators measured about
         # 0.5x the torchvision pipeline's images/s here (bench/bench_data.py), so the CPU uses torch.
         backend = "dali" if device.type == "cuda" and dali_available() else "torch"
-    elif backend == "dali" and not dali_available():
-        raise RuntimeError("loader='dali' was asked for but nvidia.dali cannot be imported; "
-                           "install nvidia-dali-cuda120 or use loader='torch'")
 
     root = resolve_data_root(cfg)
     if is_shard_split(root, split):  # webdataset .tar shards (fastmask/data/webdataset.py)
         from . import webdataset as wds
 
         data = wds.scan_shards(root, split)
-        plan = wds.ShardedPlan(data.shard_sizes, int(cfg.batch_size), int(shard_id), int(num_shards), int(seed),
-                               shuffle, drop_last)
+        plan = ShardPlan.of_tars(data.shard_sizes, int(cfg.batch_size), int(shard_id), int(num_shards), int(seed),
+                                 shuffle, drop_last)
         cls = wds.DaliShardLoader if backend == "dali" else wds.TorchShardLoader
         return cls(data, pipeline, _specs(cfg, pipeline), plan, num_workers=int(cfg.num_workers),
                    seed=int(seed), device=device)

@@ -288,12 +288,15 @@ def derive_seed(*parts: int) -> int:
 
 @dataclass
 class ShardPlan:
-    """Which samples (indices into the split) a shard reads in a given epoch.
+    """Which samples (indices into the split) a shard, i.e. a rank, reads in a given epoch.
 
-    Every shard draws the same permutation from (seed, epoch) and takes a strided slice of it, so
-    shards never overlap.  With ``drop_last`` the permutation is cut to a multiple of
-    ``num_shards`` (every shard gets the same number of samples, as DDP needs) and partial
-    batches are dropped; without it, shards cover every sample and differ in length by at most one.
+    Samples are dealt one by one (an ImageFolder) or, with ``tar_sizes`` (the samples of each
+    webdataset tar file, see ``webdataset.py``), in whole tar files.  Every shard draws the same
+    permutation of these units from (seed, epoch) and takes a strided slice of it, so shards never
+    overlap.  With ``drop_last`` the permutation is cut to a multiple of ``num_shards`` (every shard
+    gets the same number of batches, as DDP needs) and partial batches are dropped; without it,
+    shards cover every sample.  ``start_batch`` skips the first batches of the next epoch (resume
+    of sharded loaders; they reset it after one epoch).
     """
 
     num_samples: int
@@ -303,6 +306,15 @@ class ShardPlan:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = True
+    tar_sizes: Optional[List[int]] = None
+    start_batch: int = 0
+
+    @classmethod
+    def of_tars(cls, tar_sizes: Sequence[int], batch_size: int, shard_id: int = 0, num_shards: int = 1,
+                seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> "ShardPlan":
+        """The plan that deals whole tar files holding ``tar_sizes`` samples each."""
+        sizes = [int(s) for s in tar_sizes]
+        return cls(sum(sizes), batch_size, shard_id, num_shards, seed, shuffle, drop_last, tar_sizes=sizes)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -310,7 +322,14 @@ class ShardPlan:
         if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={self.shard_id}, "
                              f"num_shards={self.num_shards}")
+        tars = self.tar_sizes
+        if tars is not None and len(tars) < self.num_shards:
+            raise DatasetError(f"{len(tars)} tar shard(s) cannot be split over {self.num_shards} ranks "
+                               f"(each rank reads whole tars): write at least {self.num_shards} shards")
         if self.drop_last and self.samples_per_shard < self.batch_size:
+            if tars is not None:
+                raise DatasetError(f"{self.samples_per_shard} samples per rank (whole tars) are fewer than "
+                                   f"batch_size={self.batch_size}")
             raise DatasetError(
                 f"{self.num_samples} usable images split over {self.num_shards} shard(s) give "
                 f"{self.samples_per_shard} per shard, fewer than batch_size={self.batch_size} "
@@ -319,25 +338,47 @@ class ShardPlan:
 
     @property
     def samples_per_shard(self) -> int:
-        if self.drop_last:
-            return self.num_samples // self.num_shards
-        return len(range(self.shard_id, self.num_samples, self.num_shards))
+        tars = self.tar_sizes
+        if tars is None:
+            if self.drop_last:
+                return self.num_samples // self.num_shards
+            return len(range(self.shard_id, self.num_samples, self.num_shards))
+        if self.drop_last:  # what the shard with the smallest tars is sure to have, any epoch
+            return int(sum(sorted(tars)[: len(tars) // self.num_shards]))
+        return int(sum(tars[self.shard_id :: self.num_shards]))
 
     def __len__(self) -> int:
         n = self.samples_per_shard
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def indices(self, epoch: int) -> np.ndarray:
+    def units_for(self, epoch: int) -> np.ndarray:
+        """The samples, or with ``tar_sizes`` the tar files, this shard reads in ``epoch``, in order."""
+        n = self.num_samples if self.tar_sizes is None else len(self.tar_sizes)
         if self.shuffle:
-            order = np.random.default_rng(derive_seed(self.seed, epoch, 0x5EED)).permutation(self.num_samples)
+            salt = 0x5EED if self.tar_sizes is None else 0x7A25  # kept apart: the orders runs were trained with
+            order = np.random.default_rng(derive_seed(self.seed, epoch, salt)).permutation(n)
         else:
-            order = np.arange(self.num_samples)
+            order = np.arange(n)
         if self.drop_last:
-            order = order[: self.samples_per_shard * self.num_shards]
-        mine = order[self.shard_id :: self.num_shards]
+            order = order[: (n // self.num_shards) * self.num_shards]
+        return order[self.shard_id :: self.num_shards]
+
+    def shards_for(self, epoch: int) -> List[int]:
+        """The tar files (indices into ``tar_sizes``) this shard reads in ``epoch``, in reading order."""
+        if self.tar_sizes is None:
+            raise ValueError("shards_for: this plan deals single samples (no tar_sizes)")
+        return [int(s) for s in self.units_for(epoch)]
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """Sample indices of this shard's epoch (after ``start_batch`` skipped batches)."""
+        mine = self.units_for(epoch)
+        if self.tar_sizes is not None:
+            starts = np.concatenate([[0], np.cumsum(self.tar_sizes)[:-1]]).astype(np.int64)
+            parts = [np.arange(starts[s], starts[s] + self.tar_sizes[s]) for s in mine.tolist()]
+            mine = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         if self.drop_last:
             mine = mine[: len(self) * self.batch_size]
-        return mine
+        return mine[self.start_batch * self.batch_size:]
 
 
 def summarize_bad(bad: Sequence[Tuple[str, str]]) -> str:

@@ -11,7 +11,7 @@ Layout (what ``write_shards`` makes from an ImageFolder; any webdataset shards w
 ``data.data`` names ROOT like an ImageFolder root; a split folder holding ``.tar`` files is read as
 shards.  The same ``multicrop`` / ``supervised`` / ``eval`` pipelines run on the decoded images.
 
-Splitting and order (``ShardedPlan``): a *shard* here is a tar file.  Each epoch the tar files are
+Splitting and order (``ShardPlan.of_tars``): a *shard* here is a tar file.  Each epoch the tar files are
 permuted by (seed, epoch) (not for ``eval``) and dealt to the ranks round-robin, so each rank reads
 whole tar files front to back (sequential reads on network storage).  Inside a tar, samples keep their
 stored order: write shards from a shuffled list (``write_shards(shuffle_seed=...)``) as webdataset
@@ -36,10 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .folder import DatasetError, ImageFolderSplit, LoaderBase, derive_seed, scan_image_folder, summarize_bad
+from .folder import DatasetError, ImageFolderSplit, LoaderBase, ShardPlan, derive_seed, scan_image_folder, summarize_bad
 
 __all__ = [
-    "IMAGE_EXTS", "MANIFEST", "ShardedPlan", "WebDatasetSplit", "decode_member", "is_shard_split",
+    "IMAGE_EXTS", "MANIFEST", "WebDatasetSplit", "decode_member", "is_shard_split",
     "scan_shards", "write_shards", "TorchShardLoader", "DaliShardLoader",
 ]
 
@@ -199,72 +199,10 @@ def write_shards(root: str, split: str, out: str, *, samples_per_shard: int = 10
     return paths
 
 
-# ------------------------------------------------------------------------------------ the plan
-
-@dataclass
-class ShardedPlan:
-    """Which samples a rank reads in an epoch: whole tar files, dealt round-robin (module docstring).
-    ``shard_id``/``num_shards`` are the rank and world size (the names ``ShardPlan`` uses)."""
-
-    shard_sizes: List[int]
-    batch_size: int
-    shard_id: int = 0
-    num_shards: int = 1
-    seed: int = 0
-    shuffle: bool = True
-    drop_last: bool = True
-    start_batch: int = 0  # batches of the next epoch to skip (resume); reset after one epoch
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_shards < 1 or not 0 <= self.shard_id < self.num_shards:
-            raise ValueError(f"rank must be in [0, world), got rank={self.shard_id}, world={self.num_shards}")
-        if len(self.shard_sizes) < self.num_shards:
-            raise DatasetError(f"{len(self.shard_sizes)} tar shard(s) cannot be split over {self.num_shards} ranks "
-                               f"(each rank reads whole tars): write at least {self.num_shards} shards")
-        self._starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
-        if self.drop_last and self.samples_per_rank < self.batch_size:
-            raise DatasetError(f"{self.samples_per_rank} samples per rank (whole tars) are fewer than "
-                               f"batch_size={self.batch_size}")
-
-    @property
-    def num_samples(self) -> int:
-        return int(sum(self.shard_sizes))
-
-    @property
-    def samples_per_rank(self) -> int:
-        if self.drop_last:  # what the rank with the smallest tars is sure to have, any epoch
-            per = len(self.shard_sizes) // self.num_shards
-            return int(sum(sorted(self.shard_sizes)[:per]))
-        return int(sum(self.shard_sizes[self.shard_id::self.num_shards]))
-
-    def __len__(self) -> int:
-        n = self.samples_per_rank
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def shards_for(self, epoch: int) -> List[int]:
-        """The tar files (indices) this rank reads in ``epoch``, in reading order."""
-        n = len(self.shard_sizes)
-        order = (np.random.default_rng(derive_seed(self.seed, epoch, 0x7A25)).permutation(n) if self.shuffle
-                 else np.arange(n))
-        if self.drop_last:
-            order = order[: (n // self.num_shards) * self.num_shards]
-        return [int(s) for s in order[self.shard_id::self.num_shards]]
-
-    def indices(self, epoch: int) -> np.ndarray:
-        """Global sample indices of this rank's epoch (after ``start_batch`` skipped batches)."""
-        parts = [np.arange(self._starts[s], self._starts[s] + self.shard_sizes[s]) for s in self.shards_for(epoch)]
-        idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if self.drop_last:
-            idx = idx[: len(self) * self.batch_size]
-        return idx[self.start_batch * self.batch_size:]
-
-
 # --------------------------------------------------------------------------------- the loaders
 
 class _StartMixin:
-    plan: ShardedPlan
+    plan: ShardPlan
 
     def set_start_batch(self, batch: int) -> None:
         """Skip the first ``batch`` batches of the next epoch (resume), without reading them."""
@@ -281,7 +219,7 @@ class TorchShardLoader(_StartMixin, LoaderBase):
 
     backend = "torch"
 
-    def __init__(self, split: WebDatasetSplit, pipeline: str, specs, plan: ShardedPlan, *, num_workers: int,
+    def __init__(self, split: WebDatasetSplit, pipeline: str, specs, plan: ShardPlan, *, num_workers: int,
                  seed: int, device: torch.device):
         from .torch_loader import TorchLoader
 
@@ -305,7 +243,7 @@ class DaliShardLoader(_StartMixin, LoaderBase):
 
     backend = "dali"
 
-    def __init__(self, split: WebDatasetSplit, pipeline: str, specs, plan: ShardedPlan, *, num_workers: int,
+    def __init__(self, split: WebDatasetSplit, pipeline: str, specs, plan: ShardPlan, *, num_workers: int,
                  seed: int, device: torch.device):
         self.split, self.pipeline, self.specs, self.plan, self.seed, self.device = (
             split, pipeline, specs, plan, seed, device)

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._cli import UsageError, one_line
 from ..config import ConfigError
 
 __all__ = ["DistInfo", "Trainables", "init_distributed", "resolve_device", "broadcast_module", "wrap_ddp",
-           "shard_fsdp", "check_ranks_in_sync", "fail_together", "barrier", "shutdown"]
+           "shard_fsdp", "check_ranks_in_sync", "check_on_every_rank", "EveryRankUsageError", "fail_together",
+           "barrier", "shutdown"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -185,16 +192,59 @@ def check_ranks_in_sync(module: torch.nn.Module, device: torch.device, world: in
             raise RuntimeError(f"rank {r} parameters differ from rank 0 after training")
 
 
+class EveryRankUsageError(UsageError):
+    """A user mistake that every rank of a job raised together (``check_on_every_rank``)."""
+
+    def __init__(self, message: str, info: DistInfo):
+        super().__init__(message)
+        self.info = info
+        self.report_here = info.is_main  # rank 0 prints it, the others stay quiet
+
+    def finish(self, status: int) -> None:
+        """Once rank 0 has printed the error (``fastmask._cli.run``): every rank exits with
+        ``status`` together.  torchrun's agent stops the other ranks as soon as one has exited,
+        so a stop signal then also means ``status``."""
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has printed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def check_on_every_rank(check: Callable[[], T], info: DistInfo) -> T:
+    """``check()`` on every rank, and a barrier: no rank goes on before every rank has passed it.
+
+    A UsageError on any rank is raised on every rank, as an EveryRankUsageError with the first
+    failing rank's message (naming the rank when it is not rank 0): rank 0 alone prints it and
+    every process exits with status 2.  A single process just runs ``check()``."""
+    if info.world <= 1:
+        return check()
+    result, error = None, None
+    try:
+        result = check()
+    except UsageError as e:
+        error = one_line(e)
+    errors = [None] * info.world
+    dist.all_gather_object(errors, error)
+    failed = [(r, msg) for r, msg in enumerate(errors) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise EveryRankUsageError(msg if rank == 0 else f"rank {rank}/{info.world}: {msg}", info)
+    return result
+
+
 @contextlib.contextmanager
 def fail_together(rank: int, world: int):
     """A rank that raises ends its process at once (exit status 1), after printing the error with
     its rank; it does not wait in the process group's clean-up.  Its peers, blocked in the next
     collective, then fail on the closed connection (gloo) or are stopped by torchrun's agent, which
-    ends every worker of a job when one fails (nccl): every rank exits with the error, none hangs."""
+    ends every worker of a job when one fails (nccl): every rank exits with the error, none hangs.
+    An EveryRankUsageError passes through: every rank raised it, none waits."""
     try:
         yield
     except BaseException as e:  # noqa: BLE001 - also KeyboardInterrupt: never leave peers waiting
-        if world <= 1 or isinstance(e, SystemExit) and not e.code:
+        if world <= 1 or isinstance(e, SystemExit) and not e.code or isinstance(e, EveryRankUsageError):
             raise
         traceback.print_exc()
         print(f"[fastmask] rank {rank}/{world} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
-"""Optional Weights & Biases logging beside the driver's JSONL and TensorBoard records.
+"""The driver's run records: ``RunLog`` (rank 0's ``metrics.jsonl`` and TensorBoard scalars) and the
+optional Weights & Biases logging beside them.
 
-Off by default.  ``WandbLogger(project=..., config=...)`` starts a run (rank 0 only: the caller
+Weights & Biases is off by default.  ``WandbLogger(project=..., config=...)`` starts a run (rank 0 only: the caller
 makes one logger per job) and ``log(record)`` forwards the numeric entries of each metrics record
 (the same dicts that go to ``metrics.jsonl``) at ``record["step"]``; evaluation records appear
 under their own keys (``knn_top1``, ...).  ``mode="offline"`` writes the run locally for a later
@@ -9,11 +10,18 @@ the ``wandb`` package, asking for it raises an ``ImportError`` that says how to 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Any, Dict, Mapping, Optional
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
 
-__all__ = ["WANDB_MODES", "WandbLogger", "wandb_available"]
+import numpy as np
+import torch
+
+from .preflight import truncate_metrics
+
+__all__ = ["RunLog", "WANDB_MODES", "WandbLogger", "wandb_available"]
 
 WANDB_MODES = ("online", "offline", "disabled")
 _NOT_METRICS = ("step", "event")
@@ -83,3 +91,43 @@ class WandbLogger:
         if not self.closed:
             self.run.finish()
             self.closed = True
+
+
+class RunLog:
+    """Rank 0's record of a run: ``metrics.jsonl`` and TensorBoard scalars (other ranks: no-ops)."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
+        """``purge_step``: resuming from that step; later records of the killed run are dropped
+        from metrics.jsonl and TensorBoard (the resumed run logs them again)."""
+        self.history: List[Dict[str, Any]] = []
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if enabled and purge_step is not None:
+            truncate_metrics(path, purge_step)
+        self.file = open(path, "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
+                                        purge_step=None if purge_step is None else purge_step + 1)
+            except Exception as e:  # tensorboard missing or broken: keep training
+                warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})")
+
+    def __call__(self, record: Dict[str, Any], step: int) -> None:
+        if self.file is None:
+            return
+        record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
+        self.history.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.tb.add_scalar(k, v, record.get("step", step))
+
+    def close(self) -> None:
+        for sink in (self.file, self.tb):
+            if sink is not None:
+                sink.close()
+        self.file = self.tb = None

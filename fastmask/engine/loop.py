@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import random
 import time
-import warnings
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -38,24 +36,15 @@ from .compile import compile_step
 from .data import batch_size, make_loader, num_classes, set_loader_epoch, to_device
 from .evaluation import evaluate
 from .guard import NonFiniteGuard, amp_policy, grad_norm as global_grad_norm
-from .optim import clip_gradients, lamb
-from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in, truncate_metrics
+from .loggers import RunLog
+from .optim import clip_gradients, cosine_schedule, make_optimizer
+from .preflight import clear_run, preflight, remove_stale_tmp, run_files_in
 from .progress import progress_bar
 
 __all__ = ["Trainer", "train", "cosine_schedule", "step_seed", "make_optimizer", "amp_dtype_for"]
 
 
 # ------------------------------------------------------------------------------------ pieces
-
-def cosine_schedule(step: int, total_steps: int, base: float, final: float,
-                    warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
-    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then cosine to ``final``."""
-    if step < warmup_steps:
-        return warmup_start + (base - warmup_start) * step / max(1, warmup_steps)
-    span = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / span)
-    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
-
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: str = "") -> int:
     """A 63-bit seed that is a pure function of (seed, step, rank): the basis of exact resume."""
@@ -70,59 +59,6 @@ def amp_dtype_for(pref: str, device: torch.device) -> Optional[torch.dtype]:
         return amp_policy(device, pref).dtype
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
-    if name == "lamb":
-        return lamb(groups, lr, betas)
-    if device.type == "cuda":
-        try:
-            from apex.optimizers import FusedAdam  # type: ignore
-
-            return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
-        except ImportError:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-class RunLog:
-    """Rank 0's record of a run: ``metrics.jsonl`` and TensorBoard scalars (other ranks: no-ops)."""
-
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool, purge_step: Optional[int] = None):
-        """``purge_step``: resuming from that step; later records of the killed run are dropped
-        from metrics.jsonl and TensorBoard (the resumed run logs them again)."""
-        self.history: List[Dict[str, Any]] = []
-        path = os.path.join(out_dir, "metrics.jsonl")
-        if enabled and purge_step is not None:
-            truncate_metrics(path, purge_step)
-        self.file = open(path, "a") if enabled else None
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"),
-                                        purge_step=None if purge_step is None else purge_step + 1)
-            except Exception as e:  # tensorboard missing or broken: keep training
-                warnings.warn(f"TensorBoard logging disabled ({type(e).__name__}: {e})")
-
-    def __call__(self, record: Dict[str, Any], step: int) -> None:
-        if self.file is None:
-            return
-        record = {k: (float(v) if isinstance(v, (np.floating, torch.Tensor)) else v) for k, v in record.items()}
-        self.history.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    self.tb.add_scalar(k, v, record.get("step", step))
-
-    def close(self) -> None:
-        for sink in (self.file, self.tb):
-            if sink is not None:
-                sink.close()
-        self.file = self.tb = None
 
 
 def _mean_metrics(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -163,9 +99,9 @@ class Trainer:
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
         self.rank, self.world, self.is_main = self.dist.rank, self.dist.world, self.dist.is_main
-        # Every user mistake fails here, in one line, before anything is written (engine.preflight).
-        checked = preflight(cfg, self.world, self.dist.local_rank)
-        D.barrier(self.world)  # no rank writes before every rank has seen the output dir unused
+        # Every user mistake fails here, in one line, before anything is written (engine.preflight),
+        # on every rank together; no rank writes before every rank has seen the output dir unused.
+        checked = D.check_on_every_rank(lambda: preflight(cfg, self.world, self.dist.local_rank), self.dist)
         resolve_auto_teacher(cfg, self.world, self.rank)  # method.teacher.checkpoint=auto: cached, else trained once
         self.device = D.resolve_device(cfg.device, self.dist.local_rank)
         self.amp_dtype = amp_dtype_for(cfg.amp, self.device)

@@ -1,4 +1,5 @@
-"""Optimisation helpers the papers' code does its own way: weight-decay groups and gradient clipping.
+"""Optimisation helpers the papers' code does its own way: weight-decay groups and gradient clipping;
+and the driver's optimizer (``make_optimizer``) and warm-up + cosine schedules (``cosine_schedule``).
 
 Weight-decay groups (``optim.decay_groups``):
 
@@ -18,12 +19,14 @@ Gradient clipping (``optim.clip_mode``):
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["CLIP_MODES", "DECAY_GROUPS", "OPTIMIZERS", "clip_gradients", "decay_split", "lamb", "weight_decay_groups"]
+__all__ = ["CLIP_MODES", "DECAY_GROUPS", "OPTIMIZERS", "clip_gradients", "cosine_schedule", "decay_split", "lamb",
+           "make_optimizer", "weight_decay_groups"]
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -104,3 +107,26 @@ def lamb(groups, lr: float, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
     from timm.optim import Lamb
 
     return Lamb(groups, lr=lr, betas=tuple(betas), eps=1e-8, max_grad_norm=1.0)
+
+
+def cosine_schedule(step: int, total_steps: int, base: float, final: float,
+                    warmup_steps: int = 0, warmup_start: float = 0.0) -> float:
+    """Linear warm-up from ``warmup_start`` to ``base`` over ``warmup_steps``, then cosine to ``final``."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / max(1, warmup_steps)
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * t))
+
+
+def make_optimizer(groups, lr: float, betas, device: torch.device, name: str = "adamw"):
+    if name == "lamb":
+        return lamb(groups, lr, betas)
+    if device.type == "cuda":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore
+
+            return FusedAdam(groups, lr=lr, betas=betas, adam_w_mode=True)
+        except ImportError:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)

@@ -83,30 +83,12 @@ def read_checkpoint_or_explain(path: str) -> Dict[str, Any]:
 
 
 def _check_data_section(cfg) -> None:
-    from ..data import LOADERS, dali_available
+    from ..data import check_data_config
 
-    d = cfg.data
-    if d.loader not in LOADERS:
-        raise UsageError(f"data.loader: must be one of {', '.join(LOADERS)}, got {d.loader!r}")
-    if d.loader == "dali" and not dali_available():
-        raise UsageError("data.loader=dali: nvidia.dali cannot be imported; install nvidia-dali-cuda120 or "
-                         "use data.loader=torch")
-    for k in ("batch_size", "image_size", "local_size"):
-        if getattr(d, k) < 1:
-            raise UsageError(f"data.{k}: must be >= 1, got {getattr(d, k)}")
-    for k in ("num_workers", "num_local_crops"):
-        if getattr(d, k) < 0:
-            raise UsageError(f"data.{k}: must be >= 0, got {getattr(d, k)}")
-    for k in ("global_scale", "local_scale", "supervised_scale"):
-        lo, hi = getattr(d, k)
-        if not 0 < lo <= hi <= 1:
-            raise UsageError(f"data.{k}: must be [lo, hi] with 0 < lo <= hi <= 1, got [{lo}, {hi}]")
-    if not 0 < d.eval_crop_pct <= 1:
-        raise UsageError(f"data.eval_crop_pct: must be in (0, 1], got {d.eval_crop_pct}")
-    from ..data.folder import VALIDATE_MODES
-
-    if d.validate not in VALIDATE_MODES:
-        raise UsageError(f"data.validate: must be one of {', '.join(VALIDATE_MODES)}, got {d.validate!r}")
+    try:
+        check_data_config(cfg.data, prefix="data.")
+    except (ValueError, RuntimeError) as e:  # a field out of range, DALI asked for but not importable
+        raise UsageError(str(e)) from None
 
 
 def _check_device(cfg, local_rank: int):
@@ -160,12 +142,12 @@ def _check_data_source(cfg, world: int) -> int:
         root = resolve_data_root(cfg.data)
     except ValueError as e:  # builtin:unknown, bad builtin option
         raise UsageError(f"{where}: {e}") from None
-    from ..data.webdataset import ShardedPlan, is_shard_split, scan_shards
+    from ..data.webdataset import is_shard_split, scan_shards
 
     if is_shard_split(root, "train"):  # webdataset .tar shards: whole tars per rank
         try:
             split, val = scan_shards(root, "train"), scan_shards(root, "val")
-            plan = ShardedPlan(split.shard_sizes, int(cfg.data.batch_size), 0, world, cfg.seed, True, True)
+            plan = ShardPlan.of_tars(split.shard_sizes, int(cfg.data.batch_size), 0, world, cfg.seed, True, True)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"{where}: {e}") from None
         return len(plan)

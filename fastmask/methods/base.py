@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["Method", "SelfDistillation", "StepState", "build_backbone", "build_teacher", "ema_update_",
+__all__ = ["Method", "StepState", "build_backbone", "build_teacher", "ema_update_",
            "split_decay_params"]
 
 
@@ -229,62 +229,3 @@ def build_teacher(tcfg, student_patch: int, student_grid, *, num_classes: int = 
                       "only makes sense for tests and throughput runs", stacklevel=3)
     teacher.requires_grad_(False)
     return teacher.eval()
-
-
-class SelfDistillation(Method):
-    """A student and an EMA teacher of the same architecture, each a ``MultiCropWrapper`` (backbone +
-    projection head), trained on multi-crop batches: what DINO and iBOT share.
-
-    Subclasses call :meth:`build_student_teacher` with their head factory and implement
-    ``training_step``; the teacher starts as a copy of the student, takes no gradients, follows the
-    student by EMA after every optimizer step and is the network evaluated (the EMA is the better
-    feature extractor).  Their config needs ``num_global_crops``.
-    """
-
-    pipeline = "multicrop"
-
-    def build_student_teacher(self, cfg, make_head: Callable[[int], nn.Module]) -> None:
-        from ..models import MultiCropWrapper
-
-        student_backbone = build_backbone(cfg)
-        teacher_backbone = build_backbone(cfg, drop_path_rate=0.0)  # the EMA teacher never drops paths
-        dim = student_backbone.embed_dim
-        self.student = MultiCropWrapper(student_backbone, make_head(dim))
-        self.teacher = MultiCropWrapper(teacher_backbone, make_head(dim))
-        self.teacher.load_state_dict(self.student.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        m = cfg.method
-        local = getattr(cfg.data, "local_size", None)
-        if local is not None and getattr(cfg.data, "num_local_crops", 0) and local % cfg.model.patch_size:
-            raise ValueError(f"data.local_size={local} is not divisible by model.patch_size={cfg.model.patch_size}")
-        from ..data.augment import NUM_GLOBAL_CROPS
-
-        if m.num_global_crops != NUM_GLOBAL_CROPS:
-            raise ValueError(f"method.num_global_crops={m.num_global_crops}, but the multi-crop loaders emit "
-                             f"{NUM_GLOBAL_CROPS} global views per image")
-
-    def split_crops(self, crops) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """(global views, local views) of a multi-crop batch, globals first as the loaders emit them."""
-        n_global = self.mcfg.num_global_crops
-        if len(crops) < n_global:
-            raise ValueError(f"{self.name} needs at least {n_global} crops per image, the loader gave {len(crops)}")
-        return list(crops[:n_global]), list(crops[n_global:])
-
-    def cancel_last_layer_grads(self, state: StepState) -> None:
-        # iBOT's unshared head has a second last layer for the patch tokens.
-        head = self.student.head
-        for layer in (getattr(head, "last_layer", None), getattr(head, "last_layer2", None)):
-            if layer is not None:
-                for p in layer.parameters():
-                    p.grad = None
-
-    @torch.no_grad()
-    def on_after_optimizer_step(self, state: StepState) -> None:
-        ema_update_(self.teacher, self.student, state.teacher_momentum)
-
-    def eval_backbone(self) -> nn.Module:
-        return self.teacher.backbone

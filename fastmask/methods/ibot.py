@@ -27,10 +27,10 @@ from typing import Tuple
 
 import torch
 
-from .base import SelfDistillation, StepState
-from .dino import build_student_masks, check_attmask_options, make_policy
+from .base import StepState
 from .losses import IBOTLoss, gather_rows, masked_token_ids
 from .schedules import teacher_temp_at
+from .self_distillation import SelfDistillation, SelfDistillationConfig, check_attmask_options, make_policy
 
 __all__ = ["IBOT", "IBOTConfig", "METHOD", "MASK_POLICIES", "PATCH_HEADS"]
 
@@ -39,33 +39,22 @@ PATCH_HEADS = ("auto", "masked", "all")
 
 
 @dataclass
-class IBOTConfig:
-    # shared head (iBOT ViT-S/16 recipe)
+class IBOTConfig(SelfDistillationConfig):
+    # shared head (iBOT ViT-S/16 recipe; the other head and CLS-loss options: SelfDistillationConfig)
     out_dim: int = 8192
     patch_out_dim: int = 8192
     shared_head: bool = True
     norm_last_layer: bool = False
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    head_use_bn: bool = False  # BatchNorm in the head's MLP (iBOT: off for ViTs)
-    # loss
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
+    # patch loss
     warmup_teacher_patch_temp: float = 0.04
     teacher_patch_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
-    center_momentum: float = 0.9
     center_momentum_patch: float = 0.9
     lambda_cls: float = 1.0
     lambda_patch: float = 1.0
-    num_global_crops: int = 2
-    fused_loss: bool = True  # fastmask.ops.sdist_loss: no [rows, K] float32 tensor saved (same loss)
     # student patch head on: masked = the masked tokens only (one device sync for their count);
     # all = every token (the official code); auto = masked unless the head has BatchNorm
     patch_head: str = "auto"
-    fuse_last_layer: bool = False  # the loss applies the head's last layer slice by slice (masked patch head only)
+    # fuse_last_layer (SelfDistillationConfig) needs the masked patch head
     # masking of the student's global views
     mask: str = "block"  # block | random | attmask_high | attmask_low | attmask_hint
     mask_ratio: Tuple[float, float] = (0.1, 0.5)  # per-sample ratio ~ U(a, b) (iBOT: 0.3 +- 0.2)
@@ -79,8 +68,6 @@ class IBOTConfig:
     # and view (iBOT's ImageFolderMask); "batch" / "sample" force one.
     ratio_per: str = "auto"
     hint_count: str = "tied"  # AttMask-Hint: int(show_max * ratio * N) revealed (attmask.py) | independent
-    # "linspace": final temperatures at epoch warmup - 1 (iBOTLoss); "linear": fastmask's earlier ramp
-    teacher_temp_warmup: str = "linspace"
     # iBOTLoss: the patch temperature stays at its warm-up value until pred_start_epoch
     # (mask_start_epoch here) and warms up from there; False: from epoch 0 like the CLS temperature.
     patch_temp_from_mask_start: bool = True
@@ -95,12 +82,9 @@ class IBOTConfig:
             raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}")
         if self.shared_head and self.patch_out_dim != self.out_dim:
             raise ValueError(f"shared_head needs patch_out_dim == out_dim, got {self.patch_out_dim} != {self.out_dim}")
-        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_patch_temp",
-                     "teacher_patch_temp"):
+        for name in ("warmup_teacher_patch_temp", "teacher_patch_temp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.num_global_crops < 1:
-            raise ValueError(f"num_global_crops must be >= 1, got {self.num_global_crops}")
         if self.patch_head not in PATCH_HEADS:
             raise ValueError(f"patch_head must be one of {PATCH_HEADS}, got {self.patch_head!r}")
         if self.fuse_last_layer and (self.patch_head == "all" or self.head_use_bn):
@@ -108,12 +92,22 @@ class IBOTConfig:
         if self.patch_head == "masked" and self.head_use_bn:
             raise ValueError("patch_head=masked with head_use_bn: BatchNorm's statistics over the masked tokens "
                              "differ from those over all tokens; use patch_head=auto or all")
-        check_attmask_options(self.ratio_per, self.hint_count, self.teacher_temp_warmup)
+        super().__post_init__()
+        check_attmask_options(self.ratio_per, self.hint_count)
 
     def policy_ratio_per(self) -> str:
         if self.ratio_per != "auto":
             return self.ratio_per
         return "batch" if self.mask.startswith("attmask") else "sample"
+
+    def policy_kwargs(self) -> dict:
+        """``build_mask_policy``'s options for ``mask``."""
+        kw = dict(ratio=tuple(self.mask_ratio), mask_prob=self.mask_prob, ratio_per=self.policy_ratio_per())
+        if self.mask == "block":
+            kw.update(min_num_patches=self.block_min_patches, aspect_ratio=tuple(self.block_aspect))
+        elif self.mask == "attmask_hint":
+            kw.update(show_max=self.show_max, show_ratio=tuple(self.show_ratio), hint_count=self.hint_count)
+        return kw
 
 
 class IBOT(SelfDistillation):
@@ -125,27 +119,18 @@ class IBOT(SelfDistillation):
         from ..models import IBOTHead
 
         m = self.mcfg
-        self.build_student_teacher(cfg, lambda dim: IBOTHead(
-            dim, m.out_dim, m.patch_out_dim, shared_head=m.shared_head, use_bn=m.head_use_bn,
-            norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
-            bottleneck_dim=m.head_bottleneck_dim))
-        self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, n_global=m.num_global_crops,
-                                student_temp=m.student_temp, center_momentum=m.center_momentum,
-                                center_momentum_patch=m.center_momentum_patch,
-                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, fused=m.fused_loss)
+        self.build_student_teacher(cfg, IBOTHead, m.out_dim, m.patch_out_dim, shared_head=m.shared_head)
+        self.loss_fn = IBOTLoss(m.out_dim, m.patch_out_dim, center_momentum_patch=m.center_momentum_patch,
+                                lambda_cls=m.lambda_cls, lambda_patch=m.lambda_patch, **m.loss_kwargs())
         self.masked_patch_head = m.patch_head == "masked" or (m.patch_head == "auto" and not m.head_use_bn)
-        kw = dict(ratio=tuple(m.mask_ratio), mask_prob=m.mask_prob, ratio_per=m.policy_ratio_per())
-        if m.mask == "block":
-            kw.update(min_num_patches=m.block_min_patches, aspect_ratio=tuple(m.block_aspect))
-        elif m.mask == "attmask_hint":
-            kw.update(show_max=m.show_max, show_ratio=tuple(m.show_ratio), hint_count=m.hint_count)
-        self.policy = make_policy(m.mask, **kw)
+        self.policy = make_policy(m.mask, **m.policy_kwargs())
+        self.policy_ranks_by_teacher = m.mask.startswith("attmask")
 
     def temperatures(self, state: StepState):
+        """The teacher's CLS and patch temperatures at this epoch."""
         m = self.mcfg
         start = m.mask_start_epoch if m.patch_temp_from_mask_start else 0
-        return (teacher_temp_at(state.epoch, m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs,
-                                rule=m.teacher_temp_warmup),
+        return (self.teacher_temp(state),
                 teacher_temp_at(state.epoch, m.warmup_teacher_patch_temp, m.teacher_patch_temp,
                                 m.warmup_teacher_temp_epochs, rule=m.teacher_temp_warmup, start_epoch=start))
 
@@ -153,15 +138,10 @@ class IBOT(SelfDistillation):
         crops, _ = batch
         m = self.mcfg
         globals_, locals_ = self.split_crops(crops)
-        attmask = m.mask.startswith("attmask")
-        with torch.no_grad():
-            # Teacher first, on the clean global views; its last block's CLS map (AttMask) comes
-            # with this same forward.
-            t_out = self.teacher(globals_, return_patch=True, return_cls_attn=attmask)
+        t_out = self.teacher_forward(globals_, return_patch=True)
         backbone = self.student.backbone
         if state.epoch >= m.mask_start_epoch:
-            masks = build_student_masks(self.policy, globals_, backbone,
-                                        cls_attn=t_out.cls_attn if attmask else None, generator=state.generator)
+            masks = self.student_masks(globals_, t_out, state)
         else:
             # before mask_start_epoch: no patch is hidden (the patch loss is then 0)
             masks = [torch.zeros(g.shape[0], math.prod(backbone.grid_for(tuple(g.shape[-2:]))),
@@ -173,9 +153,7 @@ class IBOT(SelfDistillation):
         if locals_:
             # Local views: clean, CLS only (no patch loss on them, as in iBOT).
             s_cls = torch.cat([s_cls, self.student(locals_, head_on_cls=not fuse).cls])
-        head = self.student.head
-        if fuse:
-            s_cls = (head.project(s_cls), head.last_layer.weight)
+        s_cls = self.cls_for_loss(s_cls)
         temp, patch_temp = self.temperatures(state)
         all_masks = torch.cat(masks)
         s_patch, masked_ids = torch.cat(s_glob.patch), None
@@ -186,6 +164,7 @@ class IBOT(SelfDistillation):
             if not torch.compiler.is_compiling():
                 masked_ids = masked_token_ids(all_masks)
                 s_patch = gather_rows(s_patch, masked_ids)
+            head = self.student.head
             if fuse:
                 layer = head.last_layer if head.last_layer2 is None else head.last_layer2
                 s_patch = (head.project(s_patch), layer.weight)

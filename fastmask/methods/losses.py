@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .schedules import teacher_temp_at
 
 __all__ = ["DINOLoss", "IBOTLoss", "masked_token_ids", "teacher_temperature"]
 
 
 def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epochs: int) -> float:
-    """Linear warm-up of the teacher temperature over the first ``warmup_epochs`` (DINO: 0.04 -> 0.07)."""
-    if warmup_epochs <= 0 or epoch >= warmup_epochs:
-        return temp
-    return warmup_temp + (temp - warmup_temp) * epoch / warmup_epochs
+    """Linear warm-up of the teacher temperature over the first ``warmup_epochs`` (DINO: 0.04 -> 0.07):
+    ``schedules.teacher_temp_at`` with ``rule="linear"``."""
+    return teacher_temp_at(epoch, warmup_temp, temp, warmup_epochs, rule="linear")
 
 
 def masked_token_ids(masks: torch.Tensor) -> torch.Tensor:
@@ -123,10 +123,14 @@ class DINOLoss(nn.Module):
         self.fused = fused
         self.register_buffer("center", torch.zeros(1, out_dim))
 
+    def cls_loss(self, student_out, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """The cross-view term against the current centre (the centre is left as it is)."""
+        return _cross_view_ce(student_out, teacher_out.detach(), self.center, self.n_global,
+                              self.student_temp, teacher_temp, self.fused)
+
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float,
                 update_center: bool = True) -> torch.Tensor:
-        loss = _cross_view_ce(student_out, teacher_out.detach(), self.center, self.n_global,
-                              self.student_temp, teacher_temp, self.fused)
+        loss = self.cls_loss(student_out, teacher_out, teacher_temp)
         if update_center:
             self.update_center(teacher_out)
         return loss
@@ -136,8 +140,8 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(_batch_mean(teacher_out), alpha=1 - self.center_momentum)
 
 
-class IBOTLoss(nn.Module):
-    """iBOT: CLS loss (DINO, cross-view) + patch loss (MIM, same view, masked positions only).
+class IBOTLoss(DINOLoss):
+    """iBOT: CLS loss (DINO's, cross-view, its centre) + patch loss (MIM, same view, masked positions only).
 
     ``student_cls`` ``[n_crops*B, K]``, ``teacher_cls`` ``[n_global*B, K]``; ``teacher_patch``
     ``[n_global*B, N, K]``; ``masks`` ``[n_global*B, N]`` bool (True = hidden in the student).
@@ -152,15 +156,11 @@ class IBOTLoss(nn.Module):
     def __init__(self, out_dim: int, patch_out_dim: int, n_global: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9, center_momentum_patch: float = 0.9,
                  lambda_cls: float = 1.0, lambda_patch: float = 1.0, fused: bool = False):
-        super().__init__()
-        self.n_global = n_global
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
+        super().__init__(out_dim, n_global=n_global, student_temp=student_temp, center_momentum=center_momentum,
+                         fused=fused)
         self.center_momentum_patch = center_momentum_patch
         self.lambda_cls = lambda_cls
         self.lambda_patch = lambda_patch
-        self.fused = fused
-        self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center_patch", torch.zeros(1, 1, patch_out_dim))
 
     def patch_loss(self, student_patch: torch.Tensor, teacher_patch: torch.Tensor, masks: torch.Tensor,
@@ -184,15 +184,9 @@ class IBOTLoss(nn.Module):
         # Per masked token: 1 / (its sample's masked count * samples per view * views).
         per_sample = 1.0 / (masks.sum(dim=1).clamp_min(1).float() * (b * self.n_global))
         row_w = per_sample[masked_ids[0] // n]
-        center = self.center_patch.reshape(1, -1)
         if masked_ids.shape[-1] == 0:
             return rows_given.sum() * 0.0  # nothing masked anywhere: 0, still on the graph
-        if self.fused or fused_linear:
-            return _sdist(student_patch, teacher_rows, center, self.student_temp, teacher_patch_temp,
-                          torch.ones(1, 1, device=row_w.device), row_w)
-        s_logp = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
-        t_prob = F.softmax((teacher_rows.float() - center) / teacher_patch_temp, dim=-1)
-        return (torch.sum(-t_prob * s_logp, dim=-1) * row_w).sum()
+        return self._weighted_patch_ce(student_patch, teacher_rows, row_w, teacher_patch_temp)
 
     def _dense_patch_loss(self, student_patch, teacher_patch: torch.Tensor, masks: torch.Tensor,
                           teacher_patch_temp: float) -> torch.Tensor:
@@ -205,9 +199,14 @@ class IBOTLoss(nn.Module):
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         fused_linear = isinstance(student_patch, tuple)
         student = (flat(student_patch[0]), student_patch[1]) if fused_linear else flat(student_patch)
-        teacher = flat(teacher_patch.detach())
+        return self._weighted_patch_ce(student, flat(teacher_patch.detach()), row_w, teacher_patch_temp)
+
+    def _weighted_patch_ce(self, student, teacher: torch.Tensor, row_w: torch.Tensor,
+                           teacher_patch_temp: float) -> torch.Tensor:
+        """``sum_r row_w[r] * CE(teacher row r, student row r)`` against the patch centre; ``student``:
+        rows [R, K], or ``(z [R, d], weight)``."""
         center = self.center_patch.reshape(1, -1)
-        if self.fused or fused_linear:
+        if self.fused or isinstance(student, tuple):
             return _sdist(student, teacher, center, self.student_temp, teacher_patch_temp,
                           torch.ones(1, 1, device=row_w.device), row_w)
         s_logp = F.log_softmax(student.float() / self.student_temp, dim=-1)
@@ -217,16 +216,15 @@ class IBOTLoss(nn.Module):
     def forward(self, student_cls, student_patch, teacher_cls, teacher_patch, masks,
                 teacher_temp: float, teacher_patch_temp: float,
                 masked_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        cls_loss = _cross_view_ce(student_cls, teacher_cls.detach(), self.center, self.n_global,
-                                  self.student_temp, teacher_temp, self.fused) * self.lambda_cls
+        cls_loss = self.cls_loss(student_cls, teacher_cls, teacher_temp) * self.lambda_cls
         patch_loss = self.patch_loss(student_patch, teacher_patch, masks, teacher_patch_temp,
                                      masked_ids) * self.lambda_patch
-        self.update_center(teacher_cls, teacher_patch)
+        self.update_center(teacher_cls)
+        self.update_patch_center(teacher_patch)
         return cls_loss + patch_loss, {"loss_cls": cls_loss.detach(), "loss_patch": patch_loss.detach()}
 
     @torch.no_grad()
-    def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
-        self.center.mul_(self.center_momentum).add_(_batch_mean(teacher_cls), alpha=1 - self.center_momentum)
+    def update_patch_center(self, teacher_patch: torch.Tensor) -> None:
         # The official centre: mean over every teacher patch token (not only the masked ones).
         patch_mean = _batch_mean(teacher_patch.mean(dim=1, dtype=torch.float32))
         self.center_patch.mul_(self.center_momentum_patch).add_(patch_mean[:, None, :],

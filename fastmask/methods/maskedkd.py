@@ -30,19 +30,10 @@ from torch import nn
 
 from ..config import TeacherConfig
 from ..flops import FlopMeter, count_flops
-from .base import Method, StepState, build_teacher
-from .supervised import (
-    SupervisedConfig,
-    TargetMixer,
-    autocast_for,
-    build_classifier,
-    check_supervised_config,
-    classification_loss,
-    classifier_accuracy,
-    hard_distillation_loss,
-    soft_distillation_loss,
-    top1_accuracy,
-)
+from .base import StepState, build_teacher
+from .supervised import (SupervisedConfig, SupervisedMethod, autocast_for, build_classifier,
+                          check_supervised_config, classification_loss, classifier_accuracy,
+                          hard_distillation_loss, soft_distillation_loss, top1_accuracy)
 
 __all__ = ["METHOD", "MaskedKD", "MaskedKDConfig", "DISTILLATION_KINDS", "resolve_keep", "select_teacher_tokens"]
 
@@ -113,17 +104,15 @@ def select_teacher_tokens(cls_attn: torch.Tensor, keep: int) -> torch.Tensor:
     return maskedkd_patch_ids(cls_attn, keep)
 
 
-class MaskedKD(Method):
+class MaskedKD(SupervisedMethod):
     name = "maskedkd"
     Config = MaskedKDConfig
-    pipeline = "supervised"
     manual_backward = False
 
     def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None,
                  teacher: Optional[nn.Module] = None):
-        super().__init__(cfg, num_classes)
+        super().__init__(cfg, num_classes, student if student is not None else build_classifier(cfg, num_classes))
         mcfg: MaskedKDConfig = self.mcfg
-        self.student = student if student is not None else build_classifier(cfg, num_classes)
         if teacher is None:  # it sees the student's images as they are
             teacher = build_teacher(mcfg.teacher, cfg.model.patch_size, self.student.grid_size,
                                     num_classes=num_classes, img_size=cfg.model.img_size, method="MaskedKD")
@@ -136,7 +125,6 @@ class MaskedKD(Method):
         teacher.requires_grad_(False)
         teacher.eval()
         self.teacher = teacher
-        self.mixer = TargetMixer(mcfg, num_classes)
         self.keep = resolve_keep(mcfg.teacher_keep, self.student.num_patches)
         self.flop_meter = FlopMeter(self.teacher) if mcfg.flop_counter == "hooks" else None
         self._full_flops_per_sample: Dict[tuple, int] = {}
@@ -193,18 +181,9 @@ class MaskedKD(Method):
             return hard_distillation_loss(student_logits, teacher_logits)
         return student_logits.new_zeros((), dtype=torch.float32)
 
-    def prepare_batch(self, batch, state: StepState):
-        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
-        which ``training_step``'s mixer passes through."""
-        if self.mixer.mixup is None:
-            return batch
-        images, labels = batch
-        return self.mixer(images, labels, state.generator)
-
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskedKDConfig = self.mcfg
-        images, labels = batch
-        images, targets = self.mixer(images, labels, state.generator)
+        images, targets = self.mix(batch, state)
         N = self.student.num_patches
         with autocast_for(state.device, state.amp_dtype):
             masked_teacher = self.keep < N and mcfg.distillation != "none"
@@ -246,11 +225,10 @@ class MaskedKD(Method):
         }
         return loss, metrics
 
-
     def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
         """The student's val top-1/top-5, and the frozen teacher's (``teacher_val_*``), measured on the
         first call only: it cannot change, and the KD effect needs a teacher clearly stronger."""
-        out = classifier_accuracy(self.student, loader, device, amp_dtype)
+        out = super().evaluate_classifier(loader, device, amp_dtype)
         if self._teacher_accuracy is None:
             self._teacher_accuracy = classifier_accuracy(self.teacher, loader, device, amp_dtype,
                                                          prefix="teacher_val_")

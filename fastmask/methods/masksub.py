@@ -33,18 +33,9 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Method, StepState
-from .supervised import (
-    SupervisedConfig,
-    TargetMixer,
-    autocast_for,
-    build_classifier,
-    check_supervised_config,
-    classification_loss,
-    classifier_accuracy,
-    self_distillation_loss,
-    top1_accuracy,
-)
+from .base import StepState
+from .supervised import (SupervisedConfig, SupervisedMethod, autocast_for, build_classifier,
+                          check_supervised_config, classification_loss, self_distillation_loss, top1_accuracy)
 
 __all__ = ["METHOD", "MaskSub", "MaskSubConfig", "VARIANTS", "sub_branch_regularisation"]
 
@@ -145,19 +136,16 @@ def sub_branch_regularisation(
 # the method
 # ------------------------------------------------------------------------------------------------
 
-class MaskSub(Method):
+class MaskSub(SupervisedMethod):
     name = "masksub"
     Config = MaskSubConfig
-    pipeline = "supervised"
     manual_backward = True
 
     def __init__(self, cfg, num_classes: int, *, student: Optional[nn.Module] = None):
-        super().__init__(cfg, num_classes)
-        mcfg: MaskSubConfig = self.mcfg
         if student is None:
-            student = build_classifier(cfg, num_classes, layer_scale_init=mcfg.layer_scale_init)
-        self.student = student
-        self.mixer = TargetMixer(mcfg, num_classes)
+            student = build_classifier(cfg, num_classes, layer_scale_init=cfg.method.layer_scale_init)
+        super().__init__(cfg, num_classes, student)
+        mcfg: MaskSubConfig = self.mcfg
         if mcfg.variant == "masktoken" and getattr(self.student, "mask_token", None) is None:
             raise ValueError("variant 'masktoken' needs a model with a mask_token")
 
@@ -182,18 +170,9 @@ class MaskSub(Method):
         # masktoken: every token is computed, the hidden ones replaced by the mask token
         return self.student(images, mask=kept.mask), N
 
-    def prepare_batch(self, batch, state: StepState):
-        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
-        which ``training_step``'s mixer passes through."""
-        if self.mixer.mixup is None:
-            return batch
-        images, labels = batch
-        return self.mixer(images, labels, state.generator)
-
     def training_step(self, batch, state: StepState) -> Tuple[torch.Tensor, Dict[str, float]]:
         mcfg: MaskSubConfig = self.mcfg
-        images, labels = batch
-        images, targets = self.mixer(images, labels, state.generator)
+        images, targets = self.mix(batch, state)
 
         with autocast_for(state.device, state.amp_dtype):
             logits_main = self.student(images)
@@ -233,10 +212,6 @@ class MaskSub(Method):
         if state.defer_last_backward:
             return last, {"loss": total.detach(), **metrics}
         return total.detach(), metrics
-
-
-    def evaluate_classifier(self, loader, device, amp_dtype=None) -> Dict[str, float]:
-        return classifier_accuracy(self.student, loader, device, amp_dtype)
 
 
 METHOD = MaskSub

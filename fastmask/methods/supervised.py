@@ -6,6 +6,8 @@
   ``timm.data.Mixup`` (or plain smoothed one-hot targets when mixing is off).  timm draws its
   mixing parameters from numpy's global RNG; we seed that RNG from the step's torch generator for
   the duration of the call and restore it afterwards, so a resumed run mixes exactly as before.
+* :class:`SupervisedMethod` - the method base of both: a classifier ``student``, its targets mixed by a
+  ``TargetMixer`` (ahead of a compiled step in ``prepare_batch``) and its validation accuracy.
 * :func:`build_classifier` (the student ViT from ``cfg.model``) and :func:`autocast_for`.
 * losses: :func:`classification_loss` (soft-target CE or BCE), :func:`self_distillation_loss`
   (MaskSub's ``CE(sub, softmax(main).detach())``), :func:`soft_distillation_loss` and
@@ -27,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..philox import draw_seed
-from .base import build_backbone
+from .base import Method, StepState, build_backbone
 
 __all__ = [
     "LOSS_KINDS",
     "SupervisedConfig",
+    "SupervisedMethod",
     "TargetMixer",
     "autocast_for",
     "build_classifier",
@@ -251,3 +254,31 @@ def classifier_accuracy(model: nn.Module, loader, device: torch.device,
     if num_classes >= 5:
         out[f"{prefix}top5"] = 100.0 * correct5.item() / n
     return out
+
+
+class SupervisedMethod(Method):
+    """A classifier ``student`` trained on ``(images, labels)`` batches whose labels become soft targets
+    (Mixup/CutMix and label smoothing of the method's ``SupervisedConfig``): what MaskSub and MaskedKD
+    share.  Subclasses implement ``training_step``, starting from ``images, targets = self.mix(batch, state)``."""
+
+    pipeline = "supervised"
+
+    def __init__(self, cfg, num_classes: int, student: nn.Module):
+        super().__init__(cfg, num_classes)
+        self.student = student
+        self.mixer = TargetMixer(self.mcfg, num_classes)
+
+    def mix(self, batch, state: StepState) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(images, soft targets [B, C])`` of a raw or an already prepared batch."""
+        images, labels = batch
+        return self.mixer(images, labels, state.generator)
+
+    def prepare_batch(self, batch, state: StepState):
+        """Mixup/CutMix (timm, numpy RNG: host work) ahead of a compiled step: ``(images, soft targets)``,
+        which ``training_step``'s mixer passes through."""
+        if self.mixer.mixup is None:
+            return batch
+        return self.mix(batch, state)
+
+    def evaluate_classifier(self, loader, device, amp_dtype=None) -> dict:
+        return classifier_accuracy(self.student, loader, device, amp_dtype)

@@ -124,9 +124,14 @@ class DINOHead(nn.Module):
                             ("hidden_dim", hidden_dim), ("bottleneck_dim", bottleneck_dim)):
             _check_positive_int(name, value)
         self.in_dim, self.out_dim = in_dim, out_dim
+        self.bottleneck_dim, self.norm_last_layer = bottleneck_dim, norm_last_layer
         self.mlp = _projection_mlp(in_dim, hidden_dim, bottleneck_dim, nlayers, use_bn)
         self.mlp.apply(_init_linear)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fix_gain=norm_last_layer)
+        self.last_layer = self.prototypes(out_dim)
+
+    def prototypes(self, num: int) -> WeightNormLinear:
+        """A new weight-normalised prototype layer [bottleneck_dim -> num] (gain fixed with ``norm_last_layer``)."""
+        return WeightNormLinear(self.bottleneck_dim, num, fix_gain=self.norm_last_layer)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The L2-normalised bottleneck embedding [..., bottleneck_dim]."""
@@ -147,30 +152,15 @@ class IBOTHead(DINOHead):
     returns ``(cls_out [B, out_dim], patch_out [B, N, patch_out_dim] or None)``.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int = 8192,
-        patch_out_dim: Optional[int] = None,
-        *,
-        shared_head: bool = True,
-        use_bn: bool = False,
-        norm_last_layer: bool = True,
-        nlayers: int = 3,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-    ) -> None:
-        super().__init__(
-            in_dim, out_dim, use_bn=use_bn, norm_last_layer=norm_last_layer, nlayers=nlayers,
-            hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-        )
+    def __init__(self, in_dim: int, out_dim: int = 8192, patch_out_dim: Optional[int] = None, *,
+                 shared_head: bool = True, **head_options) -> None:
+        """``head_options``: ``DINOHead``'s (``use_bn``, ``norm_last_layer``, ``nlayers``, ``hidden_dim``,
+        ``bottleneck_dim``), for the shared MLP and both prototype layers."""
+        super().__init__(in_dim, out_dim, **head_options)
         patch_out_dim = out_dim if patch_out_dim is None else patch_out_dim
         _check_positive_int("patch_out_dim", patch_out_dim)
         self.patch_out_dim = patch_out_dim
-        if shared_head and patch_out_dim == out_dim:
-            self.last_layer2 = None
-        else:
-            self.last_layer2 = WeightNormLinear(bottleneck_dim, patch_out_dim, fix_gain=norm_last_layer)
+        self.last_layer2 = None if shared_head and patch_out_dim == out_dim else self.prototypes(patch_out_dim)
 
     def forward_cls(self, cls: torch.Tensor) -> torch.Tensor:
         return self.last_layer(self.project(cls))

@@ -331,15 +331,9 @@ class MaskedViT(VisionTransformer):
         seq, cls_attn = self._run_blocks(tokens, return_cls_attn, attn_layer)
         return self._features(seq, cls_attn)
 
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        *,
-        ids_keep: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        return_cls_attn: bool = False,
-        attn_layer: int = -1,
-    ) -> ViTFeatures:
+    def forward_features(self, x: torch.Tensor, *, ids_keep: Optional[torch.Tensor] = None,
+                         mask: Optional[torch.Tensor] = None, return_cls_attn: bool = False,
+                         attn_layer: int = -1) -> ViTFeatures:
         """Images [B, C, H, W] -> ``ViTFeatures`` (see the module docstring)."""
         tokens = self.embed(x, ids_keep=ids_keep, mask=mask)
         return self.forward_features_from_tokens(tokens, return_cls_attn=return_cls_attn, attn_layer=attn_layer)
@@ -357,15 +351,8 @@ class MaskedViT(VisionTransformer):
         logits = self.forward_head(seq)
         return (logits, cls_attn) if return_cls_attn else logits
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        ids_keep: Optional[torch.Tensor] = None,
-        mask: Optional[torch.Tensor] = None,
-        return_cls_attn: bool = False,
-        attn_layer: int = -1,
-    ):
+    def forward(self, x: torch.Tensor, *, ids_keep: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None, return_cls_attn: bool = False, attn_layer: int = -1):
         """Classifier logits (timm's head; DeiT-distilled models follow timm's distilled head).
         With ``return_cls_attn`` returns ``(logits, cls_attn)``."""
         tokens = self.embed(x, ids_keep=ids_keep, mask=mask)
@@ -564,7 +551,10 @@ _OPTIONAL_PREFIXES = ("mask_token", "head.", "head_dist.")
 _DECODER_PREFIXES = ("decoder_", "decoder.")
 
 
-def _read_file(path: Union[str, os.PathLike]) -> Any:
+def _read_file(path: Union[str, os.PathLike], *, full_pickle: bool = False) -> Any:
+    """The object in a local ``.safetensors`` or ``torch.save`` file, on the CPU.  ``full_pickle``:
+    the file holds Python objects besides tensors (the training driver's checkpoints), unpickle it
+    at once rather than after the weights-only loader refused it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r} (fastmask never downloads weights)")
@@ -572,6 +562,8 @@ def _read_file(path: Union[str, os.PathLike]) -> Any:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    if full_pickle:
+        return torch.load(path, map_location="cpu", weights_only=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001

@@ -13,7 +13,7 @@ What it adds:
   value: ``fastmask.nn.Block`` and ``MaskedViT`` pass ``return_cls_attn=`` down and hand it back up,
   so a compiled or exported forward sees one data flow and no module state changes during a call;
 * an explicit-math path (``softmax(q k^T) v`` with the ``[B, H, L, L]`` matrix materialised) used
-  when the caller needs the full matrix (``return_attn_matrix=True`` or ``store_attn_matrix``),
+  when the caller needs the full matrix (``return_attn_matrix=True``: a return value too),
   when it needs double backward (``explicit_attention = True``, e.g. Hessian-vector products), and
   when the fused op cannot express the call (an ``attn_mask``, ``is_causal``, attention dropout in
   training).
@@ -39,8 +39,6 @@ class Attention(TimmAttention):
       num_prefix_tokens: tokens at the start of the sequence (CLS, distillation, registers) that the
           CLS map leaves out; 1 for a plain ViT, 2 for DeiT with a distillation token.
       explicit_attention: always use the explicit-math path (double backward, full matrix).
-      store_attn_matrix: keep the attention probabilities of every call in ``.attn_matrix``
-          (``[B, H, L, L]``, detached; implies the explicit path).
     """
 
     def __init__(
@@ -50,24 +48,16 @@ class Attention(TimmAttention):
         *args,
         num_prefix_tokens: int = 1,
         explicit_attention: bool = False,
-        store_attn_matrix: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, *args, **kwargs)
-        self._init_fastmask(num_prefix_tokens, explicit_attention, store_attn_matrix)
+        self._init_fastmask(num_prefix_tokens, explicit_attention)
 
-    def _init_fastmask(
-        self,
-        num_prefix_tokens: int = 1,
-        explicit_attention: bool = False,
-        store_attn_matrix: bool = False,
-    ) -> None:
+    def _init_fastmask(self, num_prefix_tokens: int = 1, explicit_attention: bool = False) -> None:
         if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
         self.num_prefix_tokens = num_prefix_tokens
         self.explicit_attention = bool(explicit_attention)
-        self.store_attn_matrix = bool(store_attn_matrix)
-        self.attn_matrix: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
         return (
@@ -113,7 +103,6 @@ class Attention(TimmAttention):
             raise ValueError(f"x must be a [B, L, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
         B, L, _ = x.shape
         want_cls = return_cls_attn
-        want_matrix = return_attn_matrix or self.store_attn_matrix
         if want_cls and not 0 < self.num_prefix_tokens <= L:
             raise ValueError(
                 f"the CLS map needs a prefix (CLS) token: num_prefix_tokens={self.num_prefix_tokens}, sequence length {L}"
@@ -125,7 +114,7 @@ class Attention(TimmAttention):
 
         explicit = (
             self.explicit_attention
-            or want_matrix
+            or return_attn_matrix
             or attn_mask is not None
             or is_causal
             or (self.training and self.attn_drop.p > 0)
@@ -153,8 +142,6 @@ class Attention(TimmAttention):
             out = out * gate
         out = self.proj_drop(self.proj(out))
 
-        if self.store_attn_matrix:
-            self.attn_matrix = probs.detach()
         extras = []
         if return_cls_attn:
             extras.append(cls_attn)
