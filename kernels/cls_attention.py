@@ -88,6 +88,17 @@ def _program_tile(L, H, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(pid_l, L, HEAD_DIM, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``pid_l * BLOCK ...`` of one head and its (padded) head dim, with their bounds masks:
+    ``(offs, offs_d, mask, mask_d, mask_2d)``."""
+    offs = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs < L
+    mask_d = offs_d < HEAD_DIM
+    return offs, offs_d, mask, mask_d, mask[:, None] & mask_d[None, :]
+
+
+@triton.jit
 def _row_ptrs(base, rows, offs_d, stride_l, stride_d):
     """Pointers to the [rows, Dh] tile of one head's [L, Dh] matrix at ``base``."""
     return base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
@@ -272,12 +283,8 @@ def _attn_bwd_dkdv_kernel(
     DK and DV share one (contiguous) layout, hence one set of strides.
     """
     pid_n, bh, b, h = _program_tile(L, H, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, offs_d, mask_n, mask_d, mask_nd = _head_rows(pid_n, L, HEAD_DIM, BLOCK_N, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < L
-    mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
 
     k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kl, stride_kd, mask_nd)
     v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vl, stride_vd, mask_nd)
@@ -319,12 +326,8 @@ def _attn_bwd_dq_kernel(
 ):
     """One program per (query block, batch*head): dQ = scale * dS K over all keys."""
     pid_m, bh, b, h = _program_tile(L, H, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, offs_d, mask_m, mask_d, mask_md = _head_rows(pid_m, L, HEAD_DIM, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < L
-    mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
 
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, mask_md)
     do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd, mask_md)
