@@ -382,6 +382,18 @@ void check_ids(const at::Tensor& ids, int64_t B) {
   TORCH_CHECK(ids.scalar_type() == at::kLong, "ids must be int64");
 }
 
+void check_mask(const at::Tensor& mask, int64_t B, int64_t N) {
+  FM_CHECK_CUDA(mask);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N,
+              "mask must be a [B, N] bool tensor");
+}
+
+// grad_x of a fused backward: contiguous [sizes], or an empty tensor when it is not asked for.
+at::Tensor grad_x_or_empty(bool need_x, at::IntArrayRef sizes, const at::Tensor& like) {
+  return need_x ? at::empty(sizes, like.options().memory_format(at::MemoryFormat::Contiguous))
+                : at::empty({0}, like.options());
+}
+
 at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& ids_in, const c10::optional<at::Tensor>& pos_in) {
   check_rows(x, "x");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
@@ -485,9 +497,7 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& x_kept, const at::Tensor& ids_i
 at::Tensor apply_mask_token_cuda(const at::Tensor& x, const at::Tensor& mask_in, const at::Tensor& token) {
   check_rows(x, "x");
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
-  FM_CHECK_CUDA(mask_in);
-  TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.dim() == 2 && mask_in.size(0) == B && mask_in.size(1) == N,
-              "mask must be a [B, N] bool tensor");
+  check_mask(mask_in, B, N);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor mask = mask_in.contiguous();
   at::Tensor out = at::empty({B, N, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -556,8 +566,7 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_backward_cuda(const at::Tensor&
   check_ids(ids_in, B);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor ids = ids_in.contiguous();
-  at::Tensor grad_x = need_x ? at::empty({B, num_tokens, D}, grad_out.options().memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, grad_out.options());
+  at::Tensor grad_x = grad_x_or_empty(need_x, {B, num_tokens, D}, grad_out);
   if (B * num_tokens * D == 0) {
     if (need_x) grad_x.zero_();
     return {grad_x, at::zeros({num_tokens, D}, grad_out.options().dtype(pos_dtype))};
@@ -577,8 +586,7 @@ std::tuple<at::Tensor, at::Tensor> scatter_tokens_backward_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor ids = ids_in.contiguous();
   const int64_t K = ids.size(1);
-  at::Tensor grad_x = need_x ? at::empty({B, K, D}, grad_out.options().memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, grad_out.options());
+  at::Tensor grad_x = grad_x_or_empty(need_x, {B, K, D}, grad_out);
   if (B * N * D == 0) return {grad_x, at::zeros({D}, grad_out.options().dtype(fill_dtype))};
   const at::Tensor slot = token_slots(ids, N);
   at::Tensor red = launch_token_backward<BackwardKind::kScatterFill>(grad_out, slot, at::Tensor(), grad_x, need_x, N, K);
@@ -590,13 +598,10 @@ std::tuple<at::Tensor, at::Tensor> apply_mask_token_backward_cuda(const at::Tens
                                                                   bool need_x, at::ScalarType token_dtype) {
   check_rows(grad_out, "grad_out");
   const int64_t B = grad_out.size(0), N = grad_out.size(1), D = grad_out.size(2);
-  FM_CHECK_CUDA(mask_in);
-  TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.dim() == 2 && mask_in.size(0) == B && mask_in.size(1) == N,
-              "mask must be a [B, N] bool tensor");
+  check_mask(mask_in, B, N);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const at::Tensor mask = mask_in.contiguous();
-  at::Tensor grad_x = need_x ? at::empty({B, N, D}, grad_out.options().memory_format(at::MemoryFormat::Contiguous))
-                             : at::empty({0}, grad_out.options());
+  at::Tensor grad_x = grad_x_or_empty(need_x, {B, N, D}, grad_out);
   if (B * N * D == 0) return {grad_x, at::zeros({D}, grad_out.options().dtype(token_dtype))};
   at::Tensor red = launch_token_backward<BackwardKind::kMaskToken>(grad_out, at::Tensor(), mask, grad_x, need_x, N, N);
   return {grad_x, red.sum(0).to(token_dtype)};

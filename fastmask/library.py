@@ -78,6 +78,37 @@ def _no_backend(op: str, backend: str):
     return ValueError(f"{op}: unknown backend {backend!r}; expected 'torch', 'triton' or 'cuda'")
 
 
+def _triton(module: str, launcher: str):
+    """The launcher ``fastmask.kernels.<module>.<launcher>``, imported at its first call."""
+    return lambda *args: getattr(_kernels(module), launcher)(*args)
+
+
+def _define_backends(name: str, args: str, returns: str, fake, torch_impl, triton_impl):
+    """``fastmask::<name>(<args>, str backend) -> <returns>`` and the extension's
+    ``fastmask::cuda_<name>(<args>) -> <returns>``, one fake for both: the backend argument picks
+    ``torch_impl`` (the reference), ``triton_impl`` or the extension's kernel, called with the rest."""
+    _define_cuda(name, f"({args}) -> {returns}", fake)
+
+    def impl(*inputs):
+        *inputs, backend = inputs
+        if backend == "torch":
+            return torch_impl(*inputs)
+        if backend == "triton":
+            return triton_impl(*inputs)
+        if backend == "cuda":
+            return getattr(_cuda(), f"cuda_{name}")(*inputs)
+        raise _no_backend(name, backend)
+
+    return _define(name, f"({args}, str backend) -> {returns}", impl, lambda *inputs: fake(*inputs[:-1]))
+
+
+def _x_grad_or_empty(grads, need_x: bool, like: torch.Tensor):
+    """A fused backward launcher's (grad_x or None, other grad), grad_x an empty tensor when not asked
+    for (a schema cannot return None)."""
+    grad_x, grad_other = grads
+    return (grad_x if need_x else like.new_empty(0)), grad_other
+
+
 # --------------------------------------------------------------------------------------------
 # gather_tokens
 # --------------------------------------------------------------------------------------------
@@ -86,23 +117,8 @@ def _gather_fake(x, ids, pos_embed):
     return x.new_empty(x.shape[0], ids.shape[1], x.shape[2])
 
 
-_define_cuda("gather_tokens", "(Tensor x, Tensor ids, Tensor? pos_embed) -> Tensor", _gather_fake)
-
-
-def _gather_impl(x: torch.Tensor, ids: torch.Tensor, pos_embed: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return reference.gather_tokens(x, ids, pos_embed)
-    if backend == "triton":
-        return _kernels("token_gather").gather_tokens(x, ids, pos_embed)
-    if backend == "cuda":
-        return _cuda().cuda_gather_tokens(x, ids, pos_embed)
-    raise _no_backend("gather_tokens", backend)
-
-
-gather_tokens = _define(
-    "gather_tokens", "(Tensor x, Tensor ids, Tensor? pos_embed, str backend) -> Tensor",
-    _gather_impl, lambda x, ids, pos_embed, backend: _gather_fake(x, ids, pos_embed),
-)
+gather_tokens = _define_backends("gather_tokens", "Tensor x, Tensor ids, Tensor? pos_embed", "Tensor", _gather_fake,
+                                 reference.gather_tokens, _triton("token_gather", "gather_tokens"))
 
 
 def _gather_setup(ctx, inputs, output):
@@ -118,31 +134,21 @@ def _gather_backward_fake(grad_out, ids, num_tokens, need_x, pos_dtype):
     return grad_x, grad_out.new_empty(num_tokens, D, dtype=pos_dtype)
 
 
-_define_cuda("gather_tokens_backward",
-             "(Tensor grad_out, Tensor ids, SymInt num_tokens, bool need_x, ScalarType pos_dtype) -> (Tensor, Tensor)",
-             _gather_backward_fake)
-
-
-def _gather_backward_impl(grad_out, ids, num_tokens: int, need_x: bool, pos_dtype, backend: str):
+def _gather_backward_triton(grad_out, ids, num_tokens: int, need_x: bool, pos_dtype):
     """(grad_x or an empty tensor, grad_pos [N, D]) in one pass: the kernels sum the batch for pos_embed
     while they write grad_x (the torch recipe scatters, then re-reads grad_x for the sum)."""
-    if backend == "triton":
-        grad_x, grad_pos = _kernels("token_gather").gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
-        return (grad_x if need_x else grad_out.new_empty(0)), grad_pos
-    if backend == "cuda":
-        return _cuda().cuda_gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
-    if backend == "torch":
-        grad_x = reference.scatter_tokens(grad_out, ids, num_tokens, None)
-        return (grad_x if need_x else grad_out.new_empty(0)), grad_x.sum(0, dtype=torch.float32).to(pos_dtype)
-    raise _no_backend("gather_tokens_backward", backend)
+    grads = _kernels("token_gather").gather_tokens_backward(grad_out, ids, num_tokens, need_x, pos_dtype)
+    return _x_grad_or_empty(grads, need_x, grad_out)
 
 
-gather_tokens_backward = _define(
-    "gather_tokens_backward",
-    "(Tensor grad_out, Tensor ids, SymInt num_tokens, bool need_x, ScalarType pos_dtype, str backend) -> (Tensor, Tensor)",
-    _gather_backward_impl,
-    lambda grad_out, ids, num_tokens, need_x, pos_dtype, backend: _gather_backward_fake(
-        grad_out, ids, num_tokens, need_x, pos_dtype),
+def _gather_backward_torch(grad_out, ids, num_tokens: int, need_x: bool, pos_dtype):
+    grad_x = reference.scatter_tokens(grad_out, ids, num_tokens, None)
+    return _x_grad_or_empty((grad_x, grad_x.sum(0, dtype=torch.float32).to(pos_dtype)), need_x, grad_out)
+
+
+gather_tokens_backward = _define_backends(
+    "gather_tokens_backward", "Tensor grad_out, Tensor ids, SymInt num_tokens, bool need_x, ScalarType pos_dtype",
+    "(Tensor, Tensor)", _gather_backward_fake, _gather_backward_torch, _gather_backward_triton,
 )
 
 
@@ -174,22 +180,9 @@ def _scatter_fake(x_kept, ids, num_tokens, fill):
     return x_kept.new_empty(x_kept.shape[0], num_tokens, x_kept.shape[2])
 
 
-_define_cuda("scatter_tokens", "(Tensor x_kept, Tensor ids, SymInt num_tokens, Tensor? fill) -> Tensor", _scatter_fake)
-
-
-def _scatter_impl(x_kept, ids, num_tokens: int, fill: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return reference.scatter_tokens(x_kept, ids, num_tokens, fill)
-    if backend == "triton":
-        return _kernels("token_gather").scatter_tokens(x_kept, ids, num_tokens, fill)
-    if backend == "cuda":
-        return _cuda().cuda_scatter_tokens(x_kept, ids, num_tokens, fill)
-    raise _no_backend("scatter_tokens", backend)
-
-
-scatter_tokens = _define(
-    "scatter_tokens", "(Tensor x_kept, Tensor ids, SymInt num_tokens, Tensor? fill, str backend) -> Tensor",
-    _scatter_impl, lambda x_kept, ids, num_tokens, fill, backend: _scatter_fake(x_kept, ids, num_tokens, fill),
+scatter_tokens = _define_backends(
+    "scatter_tokens", "Tensor x_kept, Tensor ids, SymInt num_tokens, Tensor? fill", "Tensor", _scatter_fake,
+    reference.scatter_tokens, _triton("token_gather", "scatter_tokens"),
 )
 
 
@@ -206,31 +199,23 @@ def _scatter_backward_fake(grad_out, ids, need_x, fill_dtype):
     return grad_x, grad_out.new_empty(D, dtype=fill_dtype)
 
 
-_define_cuda("scatter_tokens_backward", "(Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype) -> (Tensor, Tensor)",
-             _scatter_backward_fake)
-
-
-def _scatter_backward_impl(grad_out, ids, need_x: bool, fill_dtype, backend: str):
+def _scatter_backward_triton(grad_out, ids, need_x: bool, fill_dtype):
     """(grad_x_kept or an empty tensor, grad_fill [D]) in one pass over grad_out: kept rows gathered,
     hidden rows summed for the fill (the torch recipe sums all rows, then the kept ones again)."""
-    if backend == "triton":
-        grad_x, grad_fill = _kernels("token_gather").scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
-        return (grad_x if need_x else grad_out.new_empty(0)), grad_fill
-    if backend == "cuda":
-        return _cuda().cuda_scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
-    if backend == "torch":
-        grad_x = reference.gather_tokens(grad_out, ids, None)
-        total = grad_out.sum((0, 1), dtype=torch.float32)
-        grad_fill = (total - grad_x.sum((0, 1), dtype=torch.float32)).to(fill_dtype)
-        return (grad_x if need_x else grad_out.new_empty(0)), grad_fill
-    raise _no_backend("scatter_tokens_backward", backend)
+    grads = _kernels("token_gather").scatter_tokens_backward(grad_out, ids, need_x, fill_dtype)
+    return _x_grad_or_empty(grads, need_x, grad_out)
 
 
-scatter_tokens_backward = _define(
-    "scatter_tokens_backward",
-    "(Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype, str backend) -> (Tensor, Tensor)",
-    _scatter_backward_impl,
-    lambda grad_out, ids, need_x, fill_dtype, backend: _scatter_backward_fake(grad_out, ids, need_x, fill_dtype),
+def _scatter_backward_torch(grad_out, ids, need_x: bool, fill_dtype):
+    grad_x = reference.gather_tokens(grad_out, ids, None)
+    total = grad_out.sum((0, 1), dtype=torch.float32)
+    grad_fill = (total - grad_x.sum((0, 1), dtype=torch.float32)).to(fill_dtype)
+    return _x_grad_or_empty((grad_x, grad_fill), need_x, grad_out)
+
+
+scatter_tokens_backward = _define_backends(
+    "scatter_tokens_backward", "Tensor grad_out, Tensor ids, bool need_x, ScalarType fill_dtype", "(Tensor, Tensor)",
+    _scatter_backward_fake, _scatter_backward_torch, _scatter_backward_triton,
 )
 
 
@@ -263,22 +248,10 @@ def _mask_token_fake(x, mask, mask_token):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-_define_cuda("apply_mask_token", "(Tensor x, Tensor mask, Tensor mask_token) -> Tensor", _mask_token_fake)
-
-
-def _mask_token_impl(x, mask, mask_token, backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return reference.apply_mask_token(x, mask, mask_token).contiguous()
-    if backend == "triton":
-        return _kernels("token_gather").apply_mask_token(x, mask, mask_token)
-    if backend == "cuda":
-        return _cuda().cuda_apply_mask_token(x, mask, mask_token)
-    raise _no_backend("apply_mask_token", backend)
-
-
-apply_mask_token = _define(
-    "apply_mask_token", "(Tensor x, Tensor mask, Tensor mask_token, str backend) -> Tensor",
-    _mask_token_impl, lambda x, mask, mask_token, backend: _mask_token_fake(x, mask, mask_token),
+apply_mask_token = _define_backends(
+    "apply_mask_token", "Tensor x, Tensor mask, Tensor mask_token", "Tensor", _mask_token_fake,
+    lambda x, mask, mask_token: reference.apply_mask_token(x, mask, mask_token).contiguous(),
+    _triton("token_gather", "apply_mask_token"),
 )
 
 
@@ -294,32 +267,23 @@ def _mask_token_backward_fake(grad_out, mask, need_x, token_dtype):
     return grad_x, grad_out.new_empty(grad_out.shape[-1], dtype=token_dtype)
 
 
-_define_cuda("apply_mask_token_backward",
-             "(Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype) -> (Tensor, Tensor)",
-             _mask_token_backward_fake)
-
-
-def _mask_token_backward_impl(grad_out, mask, need_x: bool, token_dtype, backend: str):
+def _mask_token_backward_triton(grad_out, mask, need_x: bool, token_dtype):
     """(grad_x or an empty tensor, grad_token [D]) in one pass: grad_x written and the hidden rows
     summed on the way (the torch recipe's where + sum builds a full temporary)."""
-    if backend == "triton":
-        grad_x, grad_token = _kernels("token_gather").apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
-        return (grad_x if need_x else grad_out.new_empty(0)), grad_token
-    if backend == "cuda":
-        return _cuda().cuda_apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
-    if backend == "torch":
-        hidden = mask.unsqueeze(-1)
-        grad_token = torch.where(hidden, grad_out, 0).sum((0, 1), dtype=torch.float32).to(token_dtype)
-        grad_x = torch.where(hidden, 0, grad_out).contiguous() if need_x else grad_out.new_empty(0)
-        return grad_x, grad_token
-    raise _no_backend("apply_mask_token_backward", backend)
+    grads = _kernels("token_gather").apply_mask_token_backward(grad_out, mask, need_x, token_dtype)
+    return _x_grad_or_empty(grads, need_x, grad_out)
 
 
-apply_mask_token_backward = _define(
-    "apply_mask_token_backward",
-    "(Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype, str backend) -> (Tensor, Tensor)",
-    _mask_token_backward_impl,
-    lambda grad_out, mask, need_x, token_dtype, backend: _mask_token_backward_fake(grad_out, mask, need_x, token_dtype),
+def _mask_token_backward_torch(grad_out, mask, need_x: bool, token_dtype):
+    hidden = mask.unsqueeze(-1)
+    grad_token = torch.where(hidden, grad_out, 0).sum((0, 1), dtype=torch.float32).to(token_dtype)
+    grad_x = torch.where(hidden, 0, grad_out).contiguous() if need_x else grad_out.new_empty(0)
+    return grad_x, grad_token
+
+
+apply_mask_token_backward = _define_backends(
+    "apply_mask_token_backward", "Tensor grad_out, Tensor mask, bool need_x, ScalarType token_dtype",
+    "(Tensor, Tensor)", _mask_token_backward_fake, _mask_token_backward_torch, _mask_token_backward_triton,
 )
 
 
@@ -354,24 +318,9 @@ def _random_keep_fake(seed, batch, num_tokens, keep):
             torch.empty(batch, num_tokens, dtype=torch.int64, device=device))
 
 
-_define_cuda("random_keep", "(Tensor seed, SymInt batch, SymInt num_tokens, SymInt keep) -> (Tensor, Tensor, Tensor)",
-             _random_keep_fake)
-
-
-def _random_keep_impl(seed, batch: int, num_tokens: int, keep: int, backend: str):
-    if backend == "torch":
-        return reference.random_keep(seed, batch, num_tokens, keep)
-    if backend == "triton":
-        return _kernels("token_gather").random_keep(seed, batch, num_tokens, keep)
-    if backend == "cuda":
-        return _cuda().cuda_random_keep(seed, batch, num_tokens, keep)
-    raise _no_backend("random_keep", backend)
-
-
-random_keep = _define(
-    "random_keep",
-    "(Tensor seed, SymInt batch, SymInt num_tokens, SymInt keep, str backend) -> (Tensor, Tensor, Tensor)",
-    _random_keep_impl, lambda seed, batch, num_tokens, keep, backend: _random_keep_fake(seed, batch, num_tokens, keep),
+random_keep = _define_backends(
+    "random_keep", "Tensor seed, SymInt batch, SymInt num_tokens, SymInt keep", "(Tensor, Tensor, Tensor)",
+    _random_keep_fake, reference.random_keep, _triton("token_gather", "random_keep"),
 )
 
 
@@ -383,50 +332,19 @@ def _topk_fake(scores, k, largest):
     return scores.new_empty(scores.shape[0], k, dtype=torch.int64)
 
 
-_define_cuda("topk_tokens", "(Tensor scores, SymInt k, bool largest) -> Tensor", _topk_fake)
-
-
-def _topk_impl(scores, k: int, largest: bool, backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return reference.topk_tokens(scores, k, largest)
-    if backend == "triton":
-        return _kernels("topk_mask").topk_tokens(scores, k, largest)
-    if backend == "cuda":
-        return _cuda().cuda_topk_tokens(scores, k, largest)
-    raise _no_backend("topk_tokens", backend)
-
-
-topk_tokens = _define(
-    "topk_tokens", "(Tensor scores, SymInt k, bool largest, str backend) -> Tensor",
-    _topk_impl, lambda scores, k, largest, backend: _topk_fake(scores, k, largest),
-)
-
-_MASK_ARGS = ("(Tensor cls_attn, Tensor? ratio_per_row, float ratio, Tensor seed, str mode, float mask_prob, "
-              "float show_max, Tensor? show_ratio_per_row, float show_ratio")
+topk_tokens = _define_backends("topk_tokens", "Tensor scores, SymInt k, bool largest", "Tensor", _topk_fake,
+                               reference.topk_tokens, _triton("topk_mask", "topk_tokens"))
 
 
 def _mask_fake(cls_attn, ratio_per_row, ratio, seed, mode, mask_prob, show_max, show_ratio_per_row, show_ratio):
     return cls_attn.new_empty(cls_attn.shape, dtype=torch.bool)
 
 
-_define_cuda("cls_attention_mask", _MASK_ARGS + ") -> Tensor", _mask_fake)
-
-
-def _mask_impl(cls_attn, ratio_per_row, ratio: float, seed, mode: str, mask_prob: float, show_max: float,
-               show_ratio_per_row, show_ratio: float, backend: str) -> torch.Tensor:
-    args = (cls_attn, ratio_per_row, ratio, seed, mode, mask_prob, show_max, show_ratio_per_row, show_ratio)
-    if backend == "torch":
-        return reference.cls_attention_mask(*args)
-    if backend == "triton":
-        return _kernels("topk_mask").cls_attention_mask(*args)
-    if backend == "cuda":
-        return _cuda().cuda_cls_attention_mask(*args)
-    raise _no_backend("cls_attention_mask", backend)
-
-
-cls_attention_mask = _define(
-    "cls_attention_mask", _MASK_ARGS + ", str backend) -> Tensor",
-    _mask_impl, lambda *args: _mask_fake(*args[:-1]),
+cls_attention_mask = _define_backends(
+    "cls_attention_mask",
+    "Tensor cls_attn, Tensor? ratio_per_row, float ratio, Tensor seed, str mode, float mask_prob, float show_max, "
+    "Tensor? show_ratio_per_row, float show_ratio",
+    "Tensor", _mask_fake, reference.cls_attention_mask, _triton("topk_mask", "cls_attention_mask"),
 )
 
 

@@ -77,13 +77,47 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(L, H, BLOCK: tl.constexpr):
+    """(block index along L, batch*head, b, h) of this program in a 1-D grid of cdiv(L, BLOCK) blocks
+    per head: the blocks of one head are adjacent, so programs running together share its K/V in L2."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(L, BLOCK)
+    pid_l = pid % num_blocks
+    bh = pid // num_blocks
+    return pid_l, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def _head_rows(pid_l, L, HEAD_DIM, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``pid_l * BLOCK ...`` of one head and its (padded) head dim, with their bounds masks:
+    ``(offs, offs_d, mask, mask_d, mask_2d)``."""
+    offs = pid_l * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs < L
+    mask_d = offs_d < HEAD_DIM
+    return offs, offs_d, mask, mask_d, mask[:, None] & mask_d[None, :]
+
+
+@triton.jit
+def _row_ptrs(base, rows, offs_d, stride_l, stride_d):
+    """Pointers to the [rows, Dh] tile of one head's [L, Dh] matrix at ``base``."""
+    return base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_l, stride_d, mask):
+    """The [rows, Dh] tile of one head's [L, Dh] matrix at ``base``; masked-out entries read 0."""
+    return tl.load(_row_ptrs(base, rows, offs_d, stride_l, stride_d), mask=mask, other=0.0)
+
+
+@triton.jit
 def _fwd_key_block(
     acc, m_i, l_i, q, k_base, v_base, offs_n, offs_d, L, mask_d, stride_kl, stride_kd, stride_vl, stride_vd,
     qk_scale, MASK_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     """One step of the online softmax over the keys ``offs_n`` (a full block, or a small tail tile)."""
-    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+    k_ptrs = _row_ptrs(k_base, offs_n, offs_d, stride_kl, stride_kd)
+    v_ptrs = _row_ptrs(v_base, offs_n, offs_d, stride_vl, stride_vd)
     if MASK_KEYS:
         mask_n = offs_n < L
         k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -115,14 +149,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
     EXPORT_CLS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
-    # 1-D grid, query blocks of one head adjacent: programs running together share that head's K/V in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
+    pid_m, bh, b, h = _program_tile(L, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -132,8 +159,7 @@ def _attn_fwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_rows(q_base, offs_m, offs_d, stride_ql, stride_qd, mask_m[:, None] & mask_d[None, :])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -155,7 +181,7 @@ def _attn_fwd_kernel(
 
     out = acc / l_i[:, None]
     o_base = Out + b * stride_ob + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+    tl.store(_row_ptrs(o_base, offs_m, offs_d, stride_ol, stride_od), out.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     # Padded query rows (offs_m >= L) saw only finite scores of zero, so l_i > 0 and log2 is safe.
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=mask_m)
@@ -172,8 +198,8 @@ def _attn_fwd_kernel(
             for start_n in range(NUM_PREFIX, L, BLOCK_N):
                 keys = start_n + offs_n
                 mask_n = keys < L
-                k = tl.load(k_base + keys[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                k = _load_rows(k_base, keys, offs_d, stride_kl, stride_kd, mask_n[:, None] & mask_d[None, :])
+                k = k.to(tl.float32)
                 s0 = tl.sum(k * q0[None, :], 1) * qk_scale
                 tl.store(cls_base + keys - NUM_PREFIX, tl.exp2(s0 - m0) * inv_l0, mask=mask_n)
 
@@ -191,19 +217,12 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d]  (= rowsum(P * dP), the softmax backward's shift)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh, b, h = _program_tile(L, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < L)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                 mask=mask, other=0.0).to(tl.float32)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od, mask).to(tl.float32)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd, mask).to(tl.float32)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
 
 
@@ -214,8 +233,8 @@ def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, offs_
     """dV += P^T dO and dK += dS^T Q (unscaled) over the queries ``offs_m``."""
     mask_m = offs_m < L
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=mask_md, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
+    q = _load_rows(q_base, offs_m, offs_d, stride_ql, stride_qd, mask_md)
+    do = _load_rows(do_base, offs_m, offs_d, stride_gl, stride_gd, mask_md)
     lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
     s_t = _mma(k, tl.trans(q), DOT_PRECISION, UPCAST_BF16) * qk_scale
@@ -235,8 +254,8 @@ def _dq_key_block(dq, q, do, lse, delta, k_base, v_base, offs_n, offs_d, mask_m,
     """dQ += dS K (unscaled) over the keys ``offs_n``."""
     mask_n = offs_n < L
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=mask_nd, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=mask_nd, other=0.0)
+    k = _load_rows(k_base, offs_n, offs_d, stride_kl, stride_kd, mask_nd)
+    v = _load_rows(v_base, offs_n, offs_d, stride_vl, stride_vd, mask_nd)
     s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_BF16) * qk_scale
     p = tl.exp2(s - lse[:, None])
     p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
@@ -263,24 +282,12 @@ def _attn_bwd_dkdv_kernel(
     Works on the transposed tiles (keys x queries) so that no tile needs a transpose before its dot.
     DK and DV share one (contiguous) layout, hence one set of strides.
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(L, BLOCK_N)
-    pid_n = pid % num_n
-    bh = pid // num_n
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, bh, b, h = _program_tile(L, H, BLOCK_N)
+    offs_n, offs_d, mask_n, mask_d, mask_nd = _head_rows(pid_n, L, HEAD_DIM, BLOCK_N, BLOCK_D)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_n = offs_n < L
-    mask_d = offs_d < HEAD_DIM
-    mask_nd = mask_n[:, None] & mask_d[None, :]
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                mask=mask_nd, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=mask_nd, other=0.0)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kl, stride_kd, mask_nd)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vl, stride_vd, mask_nd)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DOut + b * stride_gb + h * stride_gh
     row_base = bh.to(tl.int64) * L
@@ -318,24 +325,12 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr,
 ):
     """One program per (query block, batch*head): dQ = scale * dS K over all keys."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_m = pid % num_m
-    bh = pid // num_m
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h = _program_tile(L, H, BLOCK_M)
+    offs_m, offs_d, mask_m, mask_d, mask_md = _head_rows(pid_m, L, HEAD_DIM, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < L
-    mask_d = offs_d < HEAD_DIM
-    mask_md = mask_m[:, None] & mask_d[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=mask_md, other=0.0)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_d[None, :] * stride_gd,
-                 mask=mask_md, other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd, mask_md)
+    do = _load_rows(DOut + b * stride_gb + h * stride_gh, offs_m, offs_d, stride_gl, stride_gd, mask_md)
     row_base = bh.to(tl.int64) * L
     lse = tl.load(Lse + row_base + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
@@ -353,7 +348,7 @@ def _attn_bwd_dq_kernel(
                            stride_kl, stride_kd, stride_vl, stride_vd, qk_scale, DOT_PRECISION, UPCAST_BF16)
 
     dq *= scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+    tl.store(_row_ptrs(DQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, stride_dql, stride_dqd),
              dq.to(DQ.dtype.element_ty), mask=mask_md)
 
 

@@ -45,14 +45,11 @@ def _block_k(K: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _partial_stats_kernel(
-    S, T, C, SM, SZ, TM, TZ, DOT,
-    stride_s, stride_t, B, K, V, inv_ts, inv_tt,
-    G: tl.constexpr, G_P2: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def _teacher_block(T, C, stride_t, B, K, inv_tt, G: tl.constexpr, G_P2: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (sample b, prototype block) and its G teacher rows in float32:
+    ``(b, blk, offs, kmask, g, gmask, m2, x)`` with ``x = (t - c) / tt`` ([G_P2, BLOCK_K], unmasked)."""
     b = tl.program_id(0)
     blk = tl.program_id(1)
-    n_blk = tl.num_programs(1)
     offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs < K
     g = tl.arange(0, G_P2)
@@ -61,7 +58,24 @@ def _partial_stats_kernel(
     t_rows = (g * B + b).to(tl.int64)
     t = tl.load(T + t_rows[:, None] * stride_t + offs[None, :], mask=m2, other=0.0).to(tl.float32)
     cen = tl.load(C + offs, mask=kmask, other=0.0).to(tl.float32)
-    x = tl.where(m2, (t - cen[None, :]) * inv_tt, float("-inf"))
+    return b, blk, offs, kmask, g, gmask, m2, (t - cen[None, :]) * inv_tt
+
+
+@triton.jit
+def _student_row(S, stride_s, B, b, v, offs, kmask):
+    """Row v * B + b of the student logits over the block, in float32: ``(row, s)``."""
+    s_row = (v * B + b).to(tl.int64)
+    return s_row, tl.load(S + s_row * stride_s + offs, mask=kmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _partial_stats_kernel(
+    S, T, C, SM, SZ, TM, TZ, DOT,
+    stride_s, stride_t, B, K, V, inv_ts, inv_tt,
+    G: tl.constexpr, G_P2: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b, blk, offs, kmask, g, gmask, m2, x = _teacher_block(T, C, stride_t, B, K, inv_tt, G, G_P2, BLOCK_K)
+    x = tl.where(m2, x, float("-inf"))
     t_max = tl.max(x, axis=1)
     t_max = tl.where(gmask, t_max, 0.0)
     e = tl.exp(x - t_max[:, None])  # 0 where masked
@@ -69,8 +83,7 @@ def _partial_stats_kernel(
     tl.store(TM + blk * G * B + g * B + b, t_max, mask=gmask)
     tl.store(TZ + blk * G * B + g * B + b, t_sum, mask=gmask)
     for v in range(V):
-        s_row = (v * B + b).to(tl.int64)
-        s = tl.load(S + s_row * stride_s + offs, mask=kmask, other=0.0).to(tl.float32)
+        _, s = _student_row(S, stride_s, B, b, v, offs, kmask)
         y = tl.where(kmask, s * inv_ts, float("-inf"))
         s_max = tl.max(y, axis=0)
         s_sum = tl.sum(tl.exp(y - s_max), axis=0)
@@ -86,21 +99,11 @@ def _grad_student_kernel(
     stride_s, stride_t, stride_gs, B, K, V, inv_ts, inv_tt,
     G: tl.constexpr, G_P2: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
-    offs = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs < K
-    g = tl.arange(0, G_P2)
-    gmask = g < G
-    m2 = gmask[:, None] & kmask[None, :]
-    t_rows = (g * B + b).to(tl.int64)
-    t = tl.load(T + t_rows[:, None] * stride_t + offs[None, :], mask=m2, other=0.0).to(tl.float32)
-    cen = tl.load(C + offs, mask=kmask, other=0.0).to(tl.float32)
+    b, blk, offs, kmask, g, gmask, m2, x = _teacher_block(T, C, stride_t, B, K, inv_tt, G, G_P2, BLOCK_K)
     t_lse = tl.load(T_LSE + g * B + b, mask=gmask, other=0.0)
-    p = tl.exp(tl.where(m2, (t - cen[None, :]) * inv_tt - t_lse[:, None], float("-inf")))
+    p = tl.exp(tl.where(m2, x - t_lse[:, None], float("-inf")))
     for v in range(V):
-        s_row = (v * B + b).to(tl.int64)
-        s = tl.load(S + s_row * stride_s + offs, mask=kmask, other=0.0).to(tl.float32)
+        s_row, s = _student_row(S, stride_s, B, b, v, offs, kmask)
         s_lse = tl.load(S_LSE + v * B + b)
         q = tl.exp(tl.where(kmask, s * inv_ts - s_lse, float("-inf")))
         coef = tl.load(COEF + (g * V + v) * B + b, mask=gmask, other=0.0)  # [G_P2]

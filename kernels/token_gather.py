@@ -90,6 +90,32 @@ def _round_float32_to(vals, dtype: tl.constexpr):
 
 
 @triton.jit
+def _output_rows(num_rows, per_sample, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile of output rows (flattened ``b * per_sample + i``) and channels:
+    ``(rows, cols, row_ok, b, i)``, with b and i in int64."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    return rows, cols, row_ok, (rows // per_sample).to(tl.int64), (rows % per_sample).to(tl.int64)
+
+
+@triton.jit
+def _copy_rows_or_fill(src_ptr, src_row, from_src, fill_ptr, out_ptr, b, n, cols, row_ok, D,
+                       stride_sb, stride_sn, stride_sd, stride_ob, stride_on, HAS_FILL: tl.constexpr):
+    """out[b, n, :] = src[b, src_row, :] where ``from_src``, else the fill vector (or 0)."""
+    col_ok = cols < D
+    m = row_ok[:, None] & col_ok[None, :]
+    # Filled rows never read the source: the masked load costs no memory traffic.
+    vals = tl.load(src_ptr + (b * stride_sb + src_row * stride_sn)[:, None] + cols[None, :] * stride_sd,
+                   mask=m & from_src[:, None], other=0.0)
+    if HAS_FILL:
+        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0)
+        vals = tl.where(from_src[:, None], vals, fill[None, :])
+    tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
+             vals.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _gather_rows_kernel(
     src_ptr, ids_ptr, pos_ptr, out_ptr,
     num_rows, K, D, N,
@@ -101,11 +127,7 @@ def _gather_rows_kernel(
 ):
     """out[b, k, :] = src[b, ids[b, k], :] (+ pos[ids[b, k], :] added in float32); an id outside
     [0, N) (value checks off) gives a zero row, never a read out of bounds."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
-    b = (rows // K).to(tl.int64)
-    k = (rows % K).to(tl.int64)
+    rows, cols, row_ok, b, k = _output_rows(num_rows, K, ROWS, BLOCK_D)
     token = tl.load(ids_ptr + b * stride_ib + k * stride_ik, mask=row_ok, other=0)
     m = row_ok[:, None] & (cols < D)[None, :]
     read = m & ((token >= 0) & (token < N))[:, None]
@@ -143,23 +165,10 @@ def _scatter_rows_kernel(
     HAS_FILL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b, n, :] = src[b, slot[b, n], :] when slot >= 0, else fill (or 0)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
+    rows, cols, row_ok, b, n = _output_rows(num_rows, N, ROWS, BLOCK_D)
     slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    kept = slot >= 0
-    col_ok = cols < D
-    m = row_ok[:, None] & col_ok[None, :]
-    # Hidden rows never read the source: the masked load costs no memory traffic.
-    vals = tl.load(src_ptr + (b * stride_sb + slot * stride_sk)[:, None] + cols[None, :] * stride_sd,
-                   mask=m & kept[:, None], other=0.0)
-    if HAS_FILL:
-        fill = tl.load(fill_ptr + cols, mask=col_ok, other=0.0)
-        vals = tl.where(kept[:, None], vals, fill[None, :])
-    tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
-             vals.to(out_ptr.dtype.element_ty), mask=m)
+    _copy_rows_or_fill(src_ptr, slot, slot >= 0, fill_ptr, out_ptr, b, n, cols, row_ok, D,
+                       stride_sb, stride_sk, stride_sd, stride_ob, stride_on, HAS_FILL)
 
 
 @triton.jit
@@ -171,26 +180,41 @@ def _mask_token_kernel(
     HAS_TOKEN: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b, n, :] = token if mask[b, n] else x[b, n, :] (token 0 when HAS_TOKEN is False: backward)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < num_rows
-    b = (rows // N).to(tl.int64)
-    n = (rows % N).to(tl.int64)
-    hidden = tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0
-    col_ok = cols < D
-    m = row_ok[:, None] & col_ok[None, :]
-    vals = tl.load(x_ptr + (b * stride_xb + n * stride_xn)[:, None] + cols[None, :] * stride_xd,
-                   mask=m & ~hidden[:, None], other=0.0)
-    if HAS_TOKEN:
-        token = tl.load(token_ptr + cols, mask=col_ok, other=0.0)
-        vals = tl.where(hidden[:, None], token[None, :], vals)
-    tl.store(out_ptr + (b * stride_ob + n * stride_on)[:, None] + cols[None, :],
-             vals.to(out_ptr.dtype.element_ty), mask=m)
+    rows, cols, row_ok, b, n = _output_rows(num_rows, N, ROWS, BLOCK_D)
+    visible = tl.load(mask_ptr + rows, mask=row_ok, other=0) == 0
+    _copy_rows_or_fill(x_ptr, n, visible, token_ptr, out_ptr, b, n, cols, row_ok, D,
+                       stride_xb, stride_xn, stride_xd, stride_ob, stride_on, HAS_TOKEN)
 
 
 # Backward kernels that fuse the batch reductions (pos-embed, fill and mask-token gradients): a program
 # owns [ROWS tokens, BLOCK_D channels] and walks the whole batch, BATCH samples at a time, so each
 # gradient row is read once, written once, and summed in float32 registers on the way.
+
+@triton.jit
+def _token_tile(N, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tokens and channels: ``(n, cols, tile_ok)``."""
+    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return n, cols, (n < N)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _batch_slice(b0, B, n, N, BATCH: tl.constexpr):
+    """Samples ``b0 .. b0 + BATCH - 1`` of the tile: ``(b, row_ok)``, row_ok [BATCH, ROWS]."""
+    b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
+    return b, (b < B)[:, None] & (n < N)[None, :]
+
+
+@triton.jit
+def _strided_ptrs(ptr, b, rows, cols, stride_b, stride_r, stride_d):
+    """[BATCH, ROWS, BLOCK_D] pointers to rows ``rows`` [BATCH, ROWS] of the samples b of a strided [B, R, D]."""
+    return ptr + (b[:, None] * stride_b + rows * stride_r)[:, :, None] + cols[None, None, :] * stride_d
+
+
+@triton.jit
+def _dense_ptrs(ptr, b, rows, num_rows, D, cols):
+    """The same into a contiguous [B, num_rows, D]."""
+    return ptr + ((b[:, None] * num_rows + rows) * D)[:, :, None] + cols[None, None, :]
 
 @triton.jit
 def _gather_backward_kernel(
@@ -200,20 +224,16 @@ def _gather_backward_kernel(
     NEED_X: tl.constexpr, BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """grad_x[b, n] = grad[b, slot[b, n]] (0 where slot < 0); grad_pos[n] = sum_b grad_x[b, n] (float32)."""
-    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    n, cols, tile_ok = _token_tile(N, D, ROWS, BLOCK_D)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BATCH):
-        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
-        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        b, row_ok = _batch_slice(b0, B, n, N, BATCH)
         slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
         ok = row_ok[:, :, None] & tile_ok[None, :, :]
-        src = grad_ptr + (b[:, None] * stride_gb + slot * stride_gk)[:, :, None] + cols[None, None, :] * stride_gd
+        src = _strided_ptrs(grad_ptr, b, slot, cols, stride_gb, stride_gk, stride_gd)
         vals = tl.load(src, mask=ok & (slot >= 0)[:, :, None], other=0.0)
         if NEED_X:
-            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
-            tl.store(dst, vals, mask=ok)
+            tl.store(_dense_ptrs(grad_x_ptr, b, n[None, :], N, D, cols), vals, mask=ok)
         acc += tl.sum(vals.to(tl.float32), 0)
     tl.store(grad_pos_ptr + n[:, None] * D + cols[None, :], _round_float32_to(acc, grad_pos_ptr.dtype.element_ty),
              mask=tile_ok)
@@ -228,20 +248,16 @@ def _scatter_backward_kernel(
 ):
     """grad_x[b, slot[b, n]] = grad[b, n] for kept tokens; partial[program row, :] = the sum of grad over
     this program's hidden (b, n) (the fill's gradient, summed over programs afterwards)."""
-    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    n, cols, tile_ok = _token_tile(N, D, ROWS, BLOCK_D)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BATCH):
-        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
-        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        b, row_ok = _batch_slice(b0, B, n, N, BATCH)
         slot = tl.load(slot_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=-1).to(tl.int64)
         kept = (slot >= 0)[:, :, None]
         ok = row_ok[:, :, None] & tile_ok[None, :, :]
-        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
-        vals = tl.load(src, mask=ok, other=0.0)
+        vals = tl.load(_strided_ptrs(grad_ptr, b, n[None, :], cols, stride_gb, stride_gn, stride_gd), mask=ok, other=0.0)
         if NEED_X:
-            dst = grad_x_ptr + ((b[:, None] * K + slot) * D)[:, :, None] + cols[None, None, :]
+            dst = _dense_ptrs(grad_x_ptr, b, slot, K, D, cols)
             tl.store(dst, vals, mask=ok & kept)
         acc += tl.sum(tl.where(kept, 0.0, vals.to(tl.float32)), 0)
     tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
@@ -256,20 +272,16 @@ def _mask_token_backward_kernel(
 ):
     """grad_x[b, n] = 0 if mask[b, n] else grad[b, n]; partial[program row, :] = the sum of grad over
     this program's hidden (b, n) (the mask token's gradient, summed over programs afterwards)."""
-    n = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile_ok = (n < N)[:, None] & (cols < D)[None, :]
+    n, cols, tile_ok = _token_tile(N, D, ROWS, BLOCK_D)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b0 in range(0, B, BATCH):
-        b = (b0 + tl.arange(0, BATCH)).to(tl.int64)
-        row_ok = (b < B)[:, None] & (n < N)[None, :]
+        b, row_ok = _batch_slice(b0, B, n, N, BATCH)
         hidden = (tl.load(mask_ptr + b[:, None] * N + n[None, :], mask=row_ok, other=0) != 0)[:, :, None]
         ok = row_ok[:, :, None] & tile_ok[None, :, :]
-        src = grad_ptr + (b[:, None] * stride_gb + n[None, :] * stride_gn)[:, :, None] + cols[None, None, :] * stride_gd
-        vals = tl.load(src, mask=ok, other=0.0)
+        vals = tl.load(_strided_ptrs(grad_ptr, b, n[None, :], cols, stride_gb, stride_gn, stride_gd), mask=ok, other=0.0)
         if NEED_X:
-            dst = grad_x_ptr + ((b[:, None] * N + n[None, :]) * D)[:, :, None] + cols[None, None, :]
-            tl.store(dst, tl.where(hidden, 0.0, vals).to(grad_x_ptr.dtype.element_ty), mask=ok)
+            tl.store(_dense_ptrs(grad_x_ptr, b, n[None, :], N, D, cols),
+                     tl.where(hidden, 0.0, vals).to(grad_x_ptr.dtype.element_ty), mask=ok)
         acc += tl.sum(tl.where(hidden, vals.to(tl.float32), 0.0), 0)
     tl.store(partial_ptr + tl.program_id(0) * D + cols, tl.sum(acc, 0), mask=cols < D)
 
