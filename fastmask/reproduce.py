@@ -277,10 +277,15 @@ def save_plot(plan: Plan, results: dict, path: str) -> Optional[str]:
     means = [stats[s]["mean"] if stats[s]["mean"] is not None else float("nan") for s in plan.settings]
     stds = [stats[s]["std"] or 0.0 for s in plan.settings]
     ax.errorbar(xs, means, yerr=stds, fmt="s", color="C3", capsize=4, zorder=2, label="mean ± std")
-    if plan.chance is not None:  # a result near this line says the features learnt nothing yet
-        ax.axhline(plan.chance, ls="--", lw=0.8, color="0.4", zorder=0, label=f"chance ({plan.chance:g}%)")
-    ax.set_xticks(list(xs), plan.settings, rotation=15, fontsize=8)
     ax.set_ylabel(plan.metric)
+    if plan.chance is not None:  # a result near this line says the features learnt nothing yet
+        seen = [v for s in plan.settings for v in stats[s]["per_seed"].values()]
+        lo, hi = (min(seen), max(seen)) if seen else (plan.chance, plan.chance)
+        if plan.chance >= lo - 2 * max(hi - lo, 1.0):
+            ax.axhline(plan.chance, ls="--", lw=0.8, color="0.4", zorder=0, label=f"chance ({plan.chance:g}%)")
+        else:  # far below the results: a line there would squash the differences that matter
+            ax.set_ylabel(f"{plan.metric} (chance {plan.chance:g}%)")
+    ax.set_xticks(list(xs), plan.settings, rotation=15, fontsize=8)
     ax.set_title(f"{plan.paper} ({plan.scale}): grey = one seed", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
