@@ -253,6 +253,12 @@ def format_table(plan: Plan, results: dict) -> str:
     wall = sum(r.get("wall_seconds") or 0 for runs in results["runs"].values() for r in runs.values())
     if plan.chance is not None:
         lines += ["", f"Chance level of {plan.metric}: {plan.chance:g}%."]
+    codes: Dict[str, int] = {}
+    for runs in results["runs"].values():
+        for r in runs.values():
+            codes[r.get("code") or "not recorded"] = codes.get(r.get("code") or "not recorded", 0) + 1
+    if codes:
+        lines += ["", "Code of the runs: " + ", ".join(f"{c} ({n})" for c, n in sorted(codes.items())) + "."]
     lines += ["", f"Runs finished: {sum(st['n'] for st in stats['settings'].values())}/"
                   f"{len(plan.settings) * len(plan.seeds)}; {wall / 3600:.2f} h wall, {cpu / 3600:.2f} CPU-h "
                   f"(students; teacher excluded)."]
@@ -381,9 +387,29 @@ def _load_results(plan: Plan) -> dict:
     return {"paper": plan.paper, "scale": plan.scale, "runs": {}, "teacher": None}
 
 
-def _record(run: Run, plan: Plan, summary: dict, wall: Optional[float], cpu: Optional[float]) -> dict:
+def code_version() -> str:
+    """The commit of the code a run starts on (``+dirty`` when its sources differ from it), or the
+    package version outside a git checkout.  A run's hash covers its settings, not the code, so
+    results made by different code stay comparable only when this says which code made them."""
+    from . import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = ["git", "-C", root]
+    try:
+        sha = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=20)
+        if sha.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "fastmask",
+                                          "kernels", "csrc"], capture_output=True, text=True, timeout=20)
+            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"fastmask {__version__}"
+
+
+def _record(run: Run, plan: Plan, summary: dict, wall: Optional[float], cpu: Optional[float],
+            code: Optional[str] = None) -> dict:
     rec = {"name": run.name, "hash": run.hash, "overrides": run.overrides, "recipe": run.recipe,
-           "summary": summary, "wall_seconds": wall, "cpu_seconds": cpu}
+           "summary": summary, "wall_seconds": wall, "cpu_seconds": cpu, "code": code}
     if run.seed is not None:
         if plan.metric not in summary:
             raise RuntimeError(f"{run.name}: the run's summary has no {plan.metric!r} (keys: {sorted(summary)})")
@@ -465,7 +491,7 @@ def execute(plan: Plan, *, runner: str = "subprocess", budget: float = 0.0) -> d
             left = sum(durations) / len(durations) * (len(todo) - i)
             eta = f", about {left / 60:.0f} min left for the rest"
         print(f"[reproduce] [{done_before + i + 1}/{len(plan.runs)}] {run.name}: {state}{eta}", flush=True)
-        cpu0, w0 = _children_cpu_seconds(), time.monotonic()
+        cpu0, w0, code = _children_cpu_seconds(), time.monotonic(), code_version()
         status = _execute(run, runner, remaining)
         wall = time.monotonic() - w0
         cpu = _children_cpu_seconds() - cpu0 if runner == "subprocess" else None
@@ -478,7 +504,7 @@ def execute(plan: Plan, *, runner: str = "subprocess", budget: float = 0.0) -> d
         summary = _summary_of(run.work_dir)
         if summary is None:
             raise SystemExit(f"[reproduce] {run.name} ended without a final record in {run.work_dir}/metrics.jsonl")
-        rec = _record(run, plan, summary, wall, cpu)
+        rec = _record(run, plan, summary, wall, cpu, code)
         with open(run.finished_marker, "w") as f:
             json.dump(rec, f, indent=1)
         _store(results, run, rec)

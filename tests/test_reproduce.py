@@ -79,6 +79,7 @@ def test_smoke_run_writes_results_and_resumes_without_retraining(tmp_path, monke
         for rec in runs.values():
             assert 0.0 <= rec["metric"] <= 100.0 and rec["metric"] == rec["summary"]["val_top1"]
             assert "teacher_val_top1" in rec["summary"] and "knn_top1" in rec["summary"]
+            assert rec["code"] == reproduce.code_version() and rec["code"]  # the commit (or version) it ran on
     claim = results["stats"]["claims"]
     assert claim == [] or claim[0]["n"] == 3  # no claim pairs these two settings alone
     st = results["stats"]["settings"]["no_kd"]
@@ -86,6 +87,7 @@ def test_smoke_run_writes_results_and_resumes_without_retraining(tmp_path, monke
     table = open(out / "table.md").read()
     assert "| no_kd | 3/3 |" in table and "Teacher (teacher:supervised_deep)" in table
     assert "Chance level of val_top1: 10%." in table  # builtin:objects: 10 classes
+    assert f"Code of the runs: {reproduce.code_version()} (6)." in table
     assert open(out / "plot.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     # Resume: everything is finished, so nothing trains again, even with the work folders gone.
