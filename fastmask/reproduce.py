@@ -396,11 +396,14 @@ def code_version() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = ["git", "-C", root]
     try:
-        sha = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=20)
-        if sha.returncode == 0:
+        top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=20)
+        # only fastmask's own checkout: an installed copy may sit inside some other repository
+        if top.returncode == 0 and os.path.samefile(top.stdout.strip(), root):
+            sha = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                 timeout=20).stdout.strip()
             dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "fastmask",
                                           "kernels", "csrc"], capture_output=True, text=True, timeout=20)
-            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+            return sha + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return f"fastmask {__version__}"
