@@ -26,7 +26,7 @@ import torch
 from common import HAS_CUDA, sync
 
 from fastmask.engine.compile import compile_step, count_graph_breaks, train_step_fn
-from tiny_methods import NO_MIX, make_batch, make_state
+from tiny_methods import NO_MIX, make_state
 
 TINY = ["model.depth=2", "model.embed_dim=64", "model.num_heads=2", "model.patch_size=8", "model.img_size=32",
         "data.image_size=32", "data.local_size=16"]

@@ -25,6 +25,7 @@ run's metric, summary, wall and CPU seconds, hash; the statistics), ``table.md``
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import hashlib
 import json
@@ -253,10 +254,8 @@ def format_table(plan: Plan, results: dict) -> str:
     wall = sum(r.get("wall_seconds") or 0 for runs in results["runs"].values() for r in runs.values())
     if plan.chance is not None:
         lines += ["", f"Chance level of {plan.metric}: {plan.chance:g}%."]
-    codes: Dict[str, int] = {}
-    for runs in results["runs"].values():
-        for r in runs.values():
-            codes[r.get("code") or "not recorded"] = codes.get(r.get("code") or "not recorded", 0) + 1
+    codes = collections.Counter(r.get("code") or "not recorded" for runs in results["runs"].values()
+                                for r in runs.values())
     if codes:
         lines += ["", "Code of the runs: " + ", ".join(f"{c} ({n})" for c, n in sorted(codes.items())) + "."]
     lines += ["", f"Runs finished: {sum(st['n'] for st in stats['settings'].values())}/"
